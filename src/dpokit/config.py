@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -78,6 +79,8 @@ class RunConfig(BaseModel):
 
     # --- run directory, logging, checkpoints ---
     output_dir: str = Field("runs/dpokit", description="Run directory: checkpoints, metrics, samples, final model.")
+    cache_dir: str = Field(default_factory=lambda: os.environ.get("DPOKIT_CACHE", str(Path.home() / ".cache" / "dpokit")),
+                           description="Where reference log-probs and converted models are cached ($DPOKIT_CACHE).")
     eval_every: int = Field(0, ge=0, description="Evaluate on held-out data every N steps (0: only before and after).")
     save_every: int = Field(50, ge=0, description="Checkpoint every N optimizer steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")

@@ -1,0 +1,66 @@
+"""`dpokit eval` and `dpokit export`: preference metrics of a saved policy, and a merged standalone model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from functools import partial
+from pathlib import Path
+
+from dpokit.data.prepare import load_pairs
+from dpokit.errors import DpokitError
+from dpokit.evaluate import evaluate_pairs
+from dpokit.logprobs import padded_pair_logps
+from dpokit.losses import LOSSES, REFERENCE_FREE, LossParams
+from dpokit.models.loading import adapter_base, load_adapter, load_model, load_tokenizer, reference_context
+from dpokit.reference.cache import compute_logps
+
+
+def eval_command(policy_path: str, reference_path: str | None, data: str, loss_type: str, beta: float,
+                 label_smoothing: float, max_length: int, batch_size: int, json_out: Path | None) -> dict[str, float]:
+    """Mean preference metrics (TRL's names) of a policy on a dataset; the reference defaults to the base
+    model with adapters disabled when the policy is a PEFT adapter."""
+    if loss_type not in LOSSES:
+        raise DpokitError(f"--loss-type: unknown loss {loss_type!r} (choose from {', '.join(LOSSES)})")
+    tokenizer = load_tokenizer(policy_path)
+    pairs, report = load_pairs(data, tokenizer, max_length)
+    base = adapter_base(policy_path)
+    policy = load_adapter(policy_path, load_model(base)) if base else load_model(policy_path)
+    policy.eval()
+    logps_fn = partial(padded_pair_logps, pad_token_id=tokenizer.pad_token_id)
+    reference_logps = None
+    if loss_type not in REFERENCE_FREE:
+        if reference_path is None and base is None:
+            raise DpokitError(f"--reference: {policy_path} is a full model, so the reference must be given")
+        reference = load_model(reference_path).eval() if reference_path else None
+        with reference_context(policy, reference) as model:
+            reference_logps = compute_logps(model, pairs, logps_fn, batch_size, "reference log-probs")
+    params = LossParams(beta=beta, label_smoothing=label_smoothing)
+    metrics = evaluate_pairs(policy, pairs, reference_logps, loss_type, params, logps_fn, batch_size)
+    metrics["num_pairs"] = len(pairs)
+    metrics["dropped_long_prompts"] = report.dropped_long_prompts
+    if json_out is not None:
+        partial_path = json_out.with_name(f".{json_out.name}.partial")
+        partial_path.write_text(json.dumps(metrics, indent=2))
+        os.replace(partial_path, json_out)
+    return metrics
+
+
+def export_command(run_dir: Path, out: Path, merge: bool) -> Path:
+    """Write a standalone model from a run's final weights; LoRA adapters are merged into the base when asked."""
+    final = run_dir / "final"
+    if not final.exists():
+        raise DpokitError(f"{run_dir}: no final model (train to the end, or pass a run directory)")
+    base = adapter_base(str(final))
+    if base is not None and not merge:
+        raise DpokitError(f"{final}: holds a LoRA adapter; pass --merge to fold it into the base model")
+    model = load_adapter(str(final), load_model(base)).merge_and_unload() if base else load_model(str(final))
+    tokenizer = load_tokenizer(str(final))
+    partial_dir = out.with_name(f".partial-{out.name}")
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    model.save_pretrained(str(partial_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(partial_dir))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial_dir, out)
+    return out

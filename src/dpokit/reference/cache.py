@@ -1,0 +1,91 @@
+"""Precompute reference log-probs for a whole dataset once and cache them on disk (SPEC §3.1).
+
+The cache key hashes the reference weights themselves and the exact token ids of every pair, so a change
+of model, tokenizer, dataset content, max_length or truncation can never reuse a stale file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from dpokit.data.tokenize import TokenizedPair
+from dpokit.logprobs import PairLogps
+
+LogpsFn = Callable[[torch.nn.Module, list[TokenizedPair]], PairLogps]
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of the reference weights: names, dtypes, shapes and bytes; LoRA adapter weights are left out
+    because the reference runs with adapters disabled."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def pairs_fingerprint(pairs: list[TokenizedPair]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for pair in pairs:
+        digest.update(repr((pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)).encode())
+    return digest.hexdigest()
+
+
+def cache_key(model: torch.nn.Module, pairs: list[TokenizedPair], method: str) -> str:
+    """Key of a reference cache: reference weights, token ids of every pair, and how log-probs were computed."""
+    return hashlib.blake2b(
+        f"{weights_fingerprint(model)}|{pairs_fingerprint(pairs)}|{method}".encode(), digest_size=16
+    ).hexdigest()
+
+
+def compute_logps(
+    model: torch.nn.Module, pairs: list[TokenizedPair], logps_fn: LogpsFn, batch_size: int, desc: str
+) -> PairLogps:
+    """Log-probs of every pair in batches of similar length (less padding), returned in dataset order."""
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].num_tokens)
+    chosen = torch.zeros(len(pairs))
+    rejected = torch.zeros(len(pairs))
+    chosen_lengths = torch.zeros(len(pairs))
+    rejected_lengths = torch.zeros(len(pairs))
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+            index = torch.tensor(order[start : start + batch_size])
+            out = logps_fn(model, [pairs[i] for i in index])
+            chosen[index], rejected[index] = out.chosen.float().cpu(), out.rejected.float().cpu()
+            chosen_lengths[index] = out.chosen_lengths.float().cpu()
+            rejected_lengths[index] = out.rejected_lengths.float().cpu()
+    return PairLogps(chosen, rejected, chosen_lengths, rejected_lengths)
+
+
+def cached_reference_logps(
+    model: torch.nn.Module,
+    pairs: list[TokenizedPair],
+    logps_fn: LogpsFn,
+    cache_dir: Path,
+    batch_size: int = 8,
+    method: str = "padded",
+    desc: str = "reference log-probs",
+) -> tuple[PairLogps, bool]:
+    """Reference log-probs of `pairs`, from the cache when the key matches; returns (logps, cache_hit)."""
+    path = cache_dir / f"{cache_key(model, pairs, method)}.safetensors"
+    if path.exists():
+        tensors = load_file(path)
+        return PairLogps(tensors["chosen"], tensors["rejected"], tensors["chosen_lengths"],
+                         tensors["rejected_lengths"]), True
+    logps = compute_logps(model, pairs, logps_fn, batch_size, desc)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"chosen": logps.chosen, "rejected": logps.rejected, "chosen_lengths": logps.chosen_lengths,
+               "rejected_lengths": logps.rejected_lengths}, str(partial))
+    os.replace(partial, path)  # atomic: a crash never leaves a truncated cache under the final name
+    return logps, False

@@ -1,0 +1,85 @@
+"""What the loop does besides optimising: watchdog rules, periodic samples with a judge, the end summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+from rich.table import Table
+from transformers import PreTrainedTokenizerBase
+
+from dpokit.config import RunConfig
+from dpokit.data.prepare import read_prompts
+from dpokit.diagnostics.findings import print_findings
+from dpokit.diagnostics.samples import generate_samples
+from dpokit.diagnostics.watchdog import Watchdog
+from dpokit.judges import vader_score
+
+SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+class RunHooks:
+    """Called by the loop after each metrics record and at sampling points."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, tokenizer: PreTrainedTokenizerBase, console: Console,
+                 accelerator: Accelerator) -> None:
+        self.config, self.run_dir, self.tokenizer, self.console = config, run_dir, tokenizer, console
+        self.main = accelerator.is_main_process
+        self.watchdog = Watchdog(config.resolved(), stop_on_critical=config.stop_on_critical)
+        self.prompts = read_prompts(config.sample_prompts) if config.sample_prompts else []
+        self.evals: list[dict[str, Any]] = []
+        self.judge_means: dict[int, float] = {}
+
+    def on_record(self, record: dict[str, Any]) -> None:
+        """Run the watchdog on a new metrics record; it raises WatchdogStop on a critical finding if asked to."""
+        if record["split"] == "eval":
+            self.evals.append(record)
+        findings = self.watchdog.update(record)
+        if findings and self.main:
+            print_findings(findings, self.console)
+
+    def on_samples(self, model: torch.nn.Module, step: int, before_training: bool = False) -> None:
+        """Generate answers to the fixed prompts; at step 0 they are the reference's (policy == reference)."""
+        if not self.prompts or not self.main:
+            return
+        state = torch.get_rng_state()
+        torch.manual_seed(self.config.seed)  # same sampling noise at every step; training RNG left untouched
+        records = generate_samples(model, self.tokenizer, self.prompts, self.config.sample_max_new_tokens, step,
+                                   "reference" if before_training else "policy")
+        torch.set_rng_state(state)
+        if self.config.judge == "vader":
+            for record, score in zip(records, vader_score([r["text"] for r in records])):
+                record["judge"] = score
+            self.judge_means[step] = sum(r["judge"] for r in records) / len(records)
+        with (self.run_dir / "samples.jsonl").open("a", encoding="utf-8") as file:
+            for record in records:
+                file.write(json.dumps(record) + "\n")
+        findings = self.watchdog.update_samples(records) if hasattr(self.watchdog, "update_samples") else []
+        if findings:
+            print_findings(findings, self.console)
+
+    def summary(self) -> None:
+        """Before/after table of held-out preference metrics and the judge's mean score of fresh samples."""
+        if not self.main or (len(self.evals) < 2 and len(self.judge_means) < 2):
+            return
+        table = Table(title=f"dpokit run {self.run_dir}")
+        table.add_column("metric")
+        table.add_column("before", justify="right")
+        table.add_column("after", justify="right")
+        if len(self.evals) >= 2:
+            first, last = self.evals[0], self.evals[-1]
+            for key in SUMMARY_KEYS:
+                table.add_row(f"held-out {key}", f"{first[key]:.4f}", f"{last[key]:.4f}")
+        if len(self.judge_means) >= 2:
+            steps = sorted(self.judge_means)
+            table.add_row("judge mean of samples", f"{self.judge_means[steps[0]]:+.4f}",
+                          f"{self.judge_means[steps[-1]]:+.4f}")
+        self.console.print(table)
+        (self.run_dir / "summary.json").write_text(json.dumps(
+            {"eval_before": self.evals[0] if self.evals else None, "eval_after": self.evals[-1] if self.evals else None,
+             "judge_before": self.judge_means.get(min(self.judge_means, default=0)),
+             "judge_after": self.judge_means.get(max(self.judge_means, default=0))}, indent=2))
