@@ -1,9 +1,9 @@
 """The `dpokit` command line.
 
-    dpokit train                              # built-in demo (SmolLM2-135M + LoRA, sentiment pairs)
-    dpokit train my.yaml beta=0.2 --resume    # your config with overrides, continuing a run
-    dpokit eval --policy runs/dpokit/final --data pairs.jsonl --json metrics.json
-    dpokit export runs/dpokit --merge --out merged/
+dpokit train                              # built-in demo (SmolLM2-135M + LoRA, sentiment pairs)
+dpokit train my.yaml beta=0.2 --resume    # your config with overrides, continuing a run
+dpokit eval --policy runs/dpokit/final --data pairs.jsonl --json metrics.json
+dpokit export runs/dpokit --merge --out merged/
 """
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ from rich.console import Console
 
 from dpokit.errors import DpokitError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Direct Preference Optimization that is fast, light and guarded.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Direct Preference Optimization that is fast, light and guarded.",
+)
 console = Console(stderr=True)
 
 
@@ -44,8 +48,12 @@ def main() -> None:
 def train(
     config: Annotated[Path | None, typer.Argument(help="YAML config; omitted: the built-in demo.")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. beta=0.2")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's latest checkpoint.")] = False,
-    print_config: Annotated[bool, typer.Option("--print-config", help="Show the resolved config and exit.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the run's latest checkpoint.")
+    ] = False,
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="Show the resolved config and exit.")
+    ] = False,
 ) -> None:
     """Train a policy with DPO (or IPO, SimPO, ...) on preference pairs."""
     from dpokit.config import load_config
@@ -72,20 +80,25 @@ def train(
 def evaluate(
     policy: Annotated[str, typer.Option(help="Policy: model directory or PEFT adapter directory.")],
     data: Annotated[str, typer.Option(help="Preference data file or directory.")],
-    reference: Annotated[str | None, typer.Option(help="Reference model (default: the adapter's base).")] = None,
+    reference: Annotated[
+        str | None, typer.Option(help="Reference model (default: the adapter's base).")
+    ] = None,
     loss_type: Annotated[str, typer.Option(help="Loss whose value is reported.")] = "sigmoid",
     beta: Annotated[float, typer.Option(help="KL strength used in rewards and loss.")] = 0.1,
     label_smoothing: Annotated[float, typer.Option(help="For conservative/robust losses.")] = 0.0,
     max_length: Annotated[int, typer.Option(help="Truncation length, as in training.")] = 1024,
     batch_size: Annotated[int, typer.Option(help="Pairs per forward pass.")] = 8,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics to this JSON file.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the metrics to this JSON file.")
+    ] = None,
 ) -> None:
     """Preference metrics of a policy on a dataset (TRL's metric names)."""
     from dpokit.commands import eval_command
 
     try:
-        metrics = eval_command(policy, reference, data, loss_type, beta, label_smoothing, max_length, batch_size,
-                               json_out)
+        metrics = eval_command(
+            policy, reference, data, loss_type, beta, label_smoothing, max_length, batch_size, json_out
+        )
     except DpokitError as error:
         _fail(error)
     sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
@@ -95,7 +108,9 @@ def evaluate(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
     out: Annotated[Path, typer.Option(help="Where to write the standalone model.")],
-    merge: Annotated[bool, typer.Option("--merge", help="Merge LoRA adapters into the base weights.")] = False,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Merge LoRA adapters into the base weights.")
+    ] = False,
 ) -> None:
     """Write a standalone model (safetensors) that transformers loads."""
     from dpokit.commands import export_command

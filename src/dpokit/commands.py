@@ -17,8 +17,17 @@ from dpokit.models.loading import adapter_base, load_adapter, load_model, load_t
 from dpokit.reference.cache import compute_logps
 
 
-def eval_command(policy_path: str, reference_path: str | None, data: str, loss_type: str, beta: float,
-                 label_smoothing: float, max_length: int, batch_size: int, json_out: Path | None) -> dict[str, float]:
+def eval_command(
+    policy_path: str,
+    reference_path: str | None,
+    data: str,
+    loss_type: str,
+    beta: float,
+    label_smoothing: float,
+    max_length: int,
+    batch_size: int,
+    json_out: Path | None,
+) -> dict[str, float]:
     """Mean preference metrics (TRL's names) of a policy on a dataset; the reference defaults to the base
     model with adapters disabled when the policy is a PEFT adapter."""
     if loss_type not in LOSSES:

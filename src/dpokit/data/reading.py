@@ -64,11 +64,6 @@ def _maybe_messages(value: str | None) -> Any:
     return value
 
 
-def _table_records(table: Any) -> Iterator[tuple[int, Any]]:
-    for number, record in enumerate(table.to_pylist(), start=1):
-        yield number, record
-
-
 def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
@@ -76,7 +71,7 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
         table = pq.read_table(path)
     except Exception as error:  # pyarrow raises several unrelated types for a corrupt file
         raise DpokitError(f"{path}: not a readable Parquet file ({error})") from None
-    yield from _table_records(table)
+    yield from enumerate(table.to_pylist(), start=1)
 
 
 def _saved_dataset_records(path: Path) -> Iterator[tuple[int, Any]]:

@@ -80,12 +80,20 @@ def cached_reference_logps(
     path = cache_dir / f"{cache_key(model, pairs, method)}.safetensors"
     if path.exists():
         tensors = load_file(path)
-        return PairLogps(tensors["chosen"], tensors["rejected"], tensors["chosen_lengths"],
-                         tensors["rejected_lengths"]), True
+        return PairLogps(
+            tensors["chosen"], tensors["rejected"], tensors["chosen_lengths"], tensors["rejected_lengths"]
+        ), True
     logps = compute_logps(model, pairs, logps_fn, batch_size, desc)
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"chosen": logps.chosen, "rejected": logps.rejected, "chosen_lengths": logps.chosen_lengths,
-               "rejected_lengths": logps.rejected_lengths}, str(partial))
+    save_file(
+        {
+            "chosen": logps.chosen,
+            "rejected": logps.rejected,
+            "chosen_lengths": logps.chosen_lengths,
+            "rejected_lengths": logps.rejected_lengths,
+        },
+        str(partial),
+    )
     os.replace(partial, path)  # atomic: a crash never leaves a truncated cache under the final name
     return logps, False

@@ -1,7 +1,7 @@
 """The dpokit training loop, top to bottom: data, model, reference log-probs, optimisation, checkpoints.
 
-    dpokit train                       # the built-in demo: SmolLM2-135M + LoRA on sentiment pairs
-    dpokit train my.yaml beta=0.2      # your config, with overrides
+dpokit train                       # the built-in demo: SmolLM2-135M + LoRA on sentiment pairs
+dpokit train my.yaml beta=0.2      # your config, with overrides
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
     return get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
 
 
-def step_indices(num_pairs: int, pairs_per_step: int, step: int, steps_per_epoch: int, seed: int) -> list[int]:
+def step_indices(
+    num_pairs: int, pairs_per_step: int, step: int, steps_per_epoch: int, seed: int
+) -> list[int]:
     """Pair indices of optimizer step `step`: a fresh seeded permutation per epoch, so resuming at any step
     sees exactly the pairs an uninterrupted run would."""
     epoch, within = divmod(step, steps_per_epoch)
@@ -90,7 +92,9 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
     run_dir = Path(config.output_dir)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if not resume and (run_dir / "checkpoints").exists():
-        raise DpokitError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another output_dir")
+        raise DpokitError(
+            f"{run_dir}: already holds a run; pass --resume to continue it or choose another output_dir"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.resolved(), sort_keys=False))
 
@@ -113,8 +117,15 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.enable_input_require_grads()
     if config.use_lora:
-        policy = add_lora(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
-                          config.load_in_4bit, config.gradient_checkpointing)
+        policy = add_lora(
+            policy,
+            config.lora_r,
+            config.lora_alpha,
+            config.lora_dropout,
+            config.lora_target_modules,
+            config.load_in_4bit,
+            config.gradient_checkpointing,
+        )
     policy.to(accelerator.device)
     reference = None
     if mode != "none" and (config.reference_model is not None or not config.use_lora):
@@ -125,27 +136,37 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
     if mode == "precompute":
         cache_dir = Path(config.cache_dir) / "reference"
         with reference_context(policy, reference) as ref:
-            data.train_reference, hit = cached_reference_logps(ref, data.train, logps_fn, cache_dir,
-                                                               config.micro_batch_size * 2)
-            console.print(f"reference log-probs of {len(data.train)} train pairs: {'cache hit' if hit else 'computed'}")
+            data.train_reference, hit = cached_reference_logps(
+                ref, data.train, logps_fn, cache_dir, config.micro_batch_size * 2
+            )
+            console.print(
+                f"reference log-probs of {len(data.train)} train pairs: {'cache hit' if hit else 'computed'}"
+            )
             if data.eval:
-                data.eval_reference, _ = cached_reference_logps(ref, data.eval, logps_fn, cache_dir,
-                                                                config.micro_batch_size * 2)
+                data.eval_reference, _ = cached_reference_logps(
+                    ref, data.eval, logps_fn, cache_dir, config.micro_batch_size * 2
+                )
         reference = None
         gc.collect()
     elif mode == "live" and data.eval:
         with reference_context(policy, reference) as ref:
-            data.eval_reference = compute_logps(ref, data.eval, logps_fn, config.micro_batch_size * 2, "reference")
+            data.eval_reference = compute_logps(
+                ref, data.eval, logps_fn, config.micro_batch_size * 2, "reference"
+            )
 
     # --- optimisation set-up ---
     pairs_per_step = min(config.effective_batch_size, len(data.train))
     if pairs_per_step % accelerator.num_processes:
-        raise DpokitError(f"effective_batch_size: {pairs_per_step} pairs per step do not split evenly over "
-                          f"{accelerator.num_processes} processes")
+        raise DpokitError(
+            f"effective_batch_size: {pairs_per_step} pairs per step do not split evenly over "
+            f"{accelerator.num_processes} processes"
+        )
     steps_per_epoch = len(data.train) // pairs_per_step
     total_steps = config.max_steps or steps_per_epoch * config.num_epochs
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.resolved_learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=config.resolved_learning_rate, weight_decay=config.weight_decay
+    )
     scheduler = cosine_with_warmup(optimizer, total_steps, config.warmup_ratio)
     policy, optimizer = accelerator.prepare(policy, optimizer)
 
@@ -154,22 +175,36 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
         progress = load_checkpoint(checkpoint, accelerator.unwrap_model(policy), optimizer)
         start_step = progress["step"]
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # stepping the schedule to where it was, before any optimizer step
+            warnings.simplefilter(
+                "ignore"
+            )  # stepping the schedule to where it was, before any optimizer step
             for _ in range(start_step):
                 scheduler.step()
         console.print(f"resuming from {checkpoint} (step {start_step} of {total_steps})")
 
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if checkpoint else None)
     hooks = RunHooks(config, run_dir, tokenizer, console, accelerator)
-    accelerator.init_trackers("dpokit", config={k: v for k, v in config.resolved().items()
-                                                if isinstance(v, (int, float, str, bool))})
+    accelerator.init_trackers(
+        "dpokit",
+        config={k: v for k, v in config.resolved().items() if isinstance(v, (int, float, str, bool))},
+    )
 
     def evaluate(step: int) -> None:
         if not data.eval or not accelerator.is_main_process:
             return
-        record = {"split": "eval", "step": step, **evaluate_pairs(
-            accelerator.unwrap_model(policy), data.eval, data.eval_reference, config.loss_type, params, logps_fn,
-            config.micro_batch_size)}
+        record = {
+            "split": "eval",
+            "step": step,
+            **evaluate_pairs(
+                accelerator.unwrap_model(policy),
+                data.eval,
+                data.eval_reference,
+                config.loss_type,
+                params,
+                logps_fn,
+                config.micro_batch_size,
+            ),
+        }
         log.write(record)
         accelerator.log({f"eval/{k}": v for k, v in record.items() if k != "split"}, step=step)
         hooks.on_record(record)
@@ -181,7 +216,13 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
     stop = StopRequested()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     local_scale = accelerator.num_processes / pairs_per_step  # DDP averages over processes: see the docstring
-    bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not accelerator.is_main_process)
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc="training",
+        unit="step",
+        disable=not accelerator.is_main_process,
+    )
     policy.train()
     try:
         for step in range(start_step, total_steps):
@@ -189,7 +230,9 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
             indices = step_indices(len(data.train), pairs_per_step, step, steps_per_epoch, config.seed)
             local = indices[accelerator.process_index :: accelerator.num_processes]
             stats = PairStats()
-            micro_batches = [local[i : i + config.micro_batch_size] for i in range(0, len(local), config.micro_batch_size)]
+            micro_batches = [
+                local[i : i + config.micro_batch_size] for i in range(0, len(local), config.micro_batch_size)
+            ]
             for number, micro in enumerate(micro_batches):
                 last = number == len(micro_batches) - 1
                 with nullcontext() if last else accelerator.no_sync(policy):
@@ -208,11 +251,17 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
                     # Each pair weighs 1/pairs_per_step in the step's gradient, whatever the micro-batching.
                     accelerator.backward(total.sum() * local_scale)
                     stats.add(losses, chosen_rewards, rejected_rewards, out, ref)
-            record = {"split": "train", "step": step + 1, "epoch": (step + 1) / steps_per_epoch,
-                      **stats.means(accelerator.reduce(stats.totals().to(accelerator.device), "sum").cpu())}
+            record = {
+                "split": "train",
+                "step": step + 1,
+                "epoch": (step + 1) / steps_per_epoch,
+                **stats.means(accelerator.reduce(stats.totals().to(accelerator.device), "sum").cpu()),
+            }
             if not is_finite(record):
-                raise DpokitError(f"step {step + 1}: non-finite loss or metric ({record['loss']}); stopped without "
-                                  "saving. Lower learning_rate or raise beta; the last good checkpoint is kept")
+                raise DpokitError(
+                    f"step {step + 1}: non-finite loss or metric ({record['loss']}); stopped without "
+                    "saving. Lower learning_rate or raise beta; the last good checkpoint is kept"
+                )
             record["grad_norm"] = float(accelerator.clip_grad_norm_(trainable, config.max_grad_norm))
             record["lr"] = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -223,20 +272,33 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
                 log.write(record)
             accelerator.log({f"train/{k}": v for k, v in record.items() if k != "split"}, step=step + 1)
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
-                            pairs_s=f"{record['pairs_per_s']:.1f}")
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                acc=f"{record['rewards/accuracies']:.2f}",
+                pairs_s=f"{record['pairs_per_s']:.1f}",
+            )
             hooks.on_record(record)
             done = step + 1
             if config.eval_every and done % config.eval_every == 0 and done < total_steps:
                 evaluate(done)
             if config.sample_every and done % config.sample_every == 0 and done < total_steps:
                 hooks.on_samples(accelerator.unwrap_model(policy), done)
-            if accelerator.is_main_process and (stop.signal or (config.save_every and done % config.save_every == 0)):
-                save_checkpoint(run_dir, done, accelerator.unwrap_model(policy), optimizer,
-                                {"seed": config.seed, "total_steps": total_steps}, config.keep_checkpoints)
+            if accelerator.is_main_process and (
+                stop.signal or (config.save_every and done % config.save_every == 0)
+            ):
+                save_checkpoint(
+                    run_dir,
+                    done,
+                    accelerator.unwrap_model(policy),
+                    optimizer,
+                    {"seed": config.seed, "total_steps": total_steps},
+                    config.keep_checkpoints,
+                )
             if stop.signal:
                 name = signal.Signals(stop.signal).name
-                console.print(f"[yellow]{name}: checkpoint saved at step {done}; continue with --resume[/yellow]")
+                console.print(
+                    f"[yellow]{name}: checkpoint saved at step {done}; continue with --resume[/yellow]"
+                )
                 raise SystemExit(128 + stop.signal)
     finally:
         bar.close()
@@ -244,8 +306,14 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
             signal.signal(s, handler)
     # --- the end: final weights, held-out metrics and samples after training ---
     if accelerator.is_main_process:
-        save_checkpoint(run_dir, total_steps, accelerator.unwrap_model(policy), optimizer,
-                        {"seed": config.seed, "total_steps": total_steps}, config.keep_checkpoints)
+        save_checkpoint(
+            run_dir,
+            total_steps,
+            accelerator.unwrap_model(policy),
+            optimizer,
+            {"seed": config.seed, "total_steps": total_steps},
+            config.keep_checkpoints,
+        )
         save_final(accelerator.unwrap_model(policy), tokenizer, run_dir / "final")
     evaluate(total_steps)
     hooks.on_samples(accelerator.unwrap_model(policy), total_steps)

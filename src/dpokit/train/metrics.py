@@ -20,8 +20,14 @@ class PairStats:
         self.sums: dict[str, float] = defaultdict(float)
         self.count = 0
 
-    def add(self, losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-            policy: PairLogps, reference: PairLogps | None) -> None:
+    def add(
+        self,
+        losses: torch.Tensor,
+        chosen_rewards: torch.Tensor,
+        rejected_rewards: torch.Tensor,
+        policy: PairLogps,
+        reference: PairLogps | None,
+    ) -> None:
         """Add a batch: every argument is (B,) per pair (or PairLogps of (B,) tensors)."""
         values = {
             "loss": losses.detach(),
@@ -36,7 +42,9 @@ class PairStats:
         }
         if reference is not None:
             # Sequence-level estimate of KL(pi || pi_ref) on the data: mean log-ratio of both answers.
-            values["kl"] = ((policy.chosen - reference.chosen) + (policy.rejected - reference.rejected)).detach() / 2
+            values["kl"] = (
+                (policy.chosen - reference.chosen) + (policy.rejected - reference.rejected)
+            ).detach() / 2
         for name, value in values.items():
             self.sums[name] += float(value.float().sum())
         self.count += len(losses)
@@ -58,7 +66,11 @@ class MetricsLog:
         self.path = path
         if resume_step is not None and path.exists():
             # Drop records written after the checkpoint we resume from, so the curve continues exactly.
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= resume_step
+            ]
             path.write_text("".join(line + "\n" for line in kept))
         self.file = path.open("a", encoding="utf-8")
 
