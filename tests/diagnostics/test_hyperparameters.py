@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpokit.diagnostics.hyperparameters import LORA_LR, hyperparameter_findings
+from dpokit.diagnostics.hyperparameters import hyperparameter_findings
 
 
 def test_healthy_config_is_quiet(healthy_config):
@@ -17,14 +17,14 @@ def test_healthy_config_is_quiet(healthy_config):
         ({"beta": 0.5}, "beta_out_of_range", "warning", "config.yaml: beta = 0.5; recommended 0.01-0.1."),
         ({"beta": 0.15}, "beta_out_of_range", "info", "config.yaml: beta = 0.15; recommended 0.01-0.1."),
         ({"beta": 0.005}, "beta_out_of_range", "warning", "config.yaml: beta = 0.005; recommended 0.01-0.1."),
-        ({"loss_type": "simpo", "beta": 0.1}, "beta_out_of_range", "warning", "recommended 2-10."),
+        ({"loss_type": "simpo", "beta": 0.1}, "beta_out_of_range", "warning", "recommended 1-10."),
         ({"learning_rate": 1e-4}, "learning_rate_out_of_range", "warning", "recommended 5e-07-2e-06."),
         ({"learning_rate": 1e-7}, "learning_rate_out_of_range", "warning", "learning_rate = 1e-07;"),
         (
-            {"use_lora": True, "learning_rate": 1e-4},
+            {"use_lora": True, "learning_rate": 2e-4},
             "learning_rate_out_of_range",
             "warning",
-            "recommended 1e-06-5e-05.",
+            "recommended 5e-06-0.0001.",
         ),
         ({"num_epochs": 5}, "num_epochs_out_of_range", "warning", "num_epochs = 5; recommended 1-3."),
         (
@@ -42,7 +42,6 @@ def test_out_of_range_value(healthy_config, overrides, code, severity, evidence)
 
 
 def test_lora_tolerates_higher_learning_rates(healthy_config):
-    assert LORA_LR == (1e-6, 5e-5)
     assert hyperparameter_findings(healthy_config | {"use_lora": True, "learning_rate": 2e-5}) == []
 
 

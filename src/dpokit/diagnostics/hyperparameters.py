@@ -1,4 +1,7 @@
-"""SPEC §2's recommended hyperparameter ranges, and findings for a config that leaves them."""
+"""Findings for config values outside SPEC §2's recommended ranges.
+
+The beta and learning-rate ranges (LoRA's included, with its reasons) live in ``dpokit.config``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dpokit.config import BETA_RANGE, FULL_LR_RANGE, LORA_LR_RANGE, SIMPO_BETA_RANGE
 from dpokit.diagnostics.findings import Finding, finite
 
 
@@ -22,15 +26,8 @@ class Recommended:
     fix_high: str
 
 
-BETA = (0.01, 0.1)
-BETA_TOLERATED_HIGH = 0.2  # SPEC §2: "up to 0.2 when drifting"
-# SimPO's beta scales length-normalised log-probs, not log-ratios: its paper uses 2.0 to 10.
-SIMPO_BETA = (2.0, 10.0)
-FULL_FINETUNE_LR = (5e-7, 2e-6)
-# LoRA trains a low-rank delta that starts at zero and is scaled by alpha/r, so a step at a given
-# rate moves the weights far less than a full update; LoRA DPO recipes use about 5e-6 to 5e-5,
-# and below 1e-6 a LoRA run barely moves.
-LORA_LR = (1e-6, 5e-5)
+# Beta above its range is only noted up to here (SPEC §2: "up to 0.2 when drifting"); config.py agrees.
+BETA_TOLERATED_HIGH = 0.2
 EPOCHS = (1, 3)
 EFFECTIVE_BATCH_SIZE = (128, 1024)
 
@@ -38,8 +35,8 @@ EFFECTIVE_BATCH_SIZE = (128, 1024)
 def recommended_ranges(config: Mapping[str, Any]) -> list[Recommended]:
     """The ranges that apply to this config (LoRA changes the learning rate, SimPO the beta)."""
     simpo = config.get("loss_type") == "simpo"
-    beta_low, beta_high = SIMPO_BETA if simpo else BETA
-    lr_low, lr_high = LORA_LR if config.get("use_lora") else FULL_FINETUNE_LR
+    beta_low, beta_high = SIMPO_BETA_RANGE if simpo else BETA_RANGE
+    lr_low, lr_high = LORA_LR_RANGE if config.get("use_lora") else FULL_LR_RANGE
     return [
         Recommended(
             key="beta",
@@ -58,7 +55,7 @@ def recommended_ranges(config: Mapping[str, Any]) -> list[Recommended]:
             high=lr_high,
             tolerated_high=lr_high,
             why="DPO needs rates far below SFT rates: high rates diverge at once, low ones leave the loss flat"
-            + (" (LoRA tolerates about 10x the full fine-tuning rate)." if config.get("use_lora") else "."),
+            + (" (LoRA adapters tolerate larger rates)." if config.get("use_lora") else "."),
             fix_low=f"Raise the learning rate into {lr_low:g}-{lr_high:g}.",
             fix_high=f"Lower the learning rate into {lr_low:g}-{lr_high:g}.",
         ),

@@ -113,7 +113,11 @@ def _warmup_end(train: list[dict[str, Any]]) -> int:
 def non_finite_metrics(run: RunData) -> list[Finding]:
     """Any NaN or infinite metric value: the run is numerically broken from that step on."""
     bad = [
-        (record, split, [key for key, value in record.items() if isinstance(value, float) and not finite(value)])
+        (
+            record,
+            split,
+            [key for key, value in record.items() if isinstance(value, float) and not finite(value)],
+        )
         for split, records in (("train", run.train), ("eval", run.eval))
         for record in records
     ]
