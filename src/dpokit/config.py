@@ -147,6 +147,8 @@ class RunConfig(BaseModel):
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         ["tensorboard"], description="Trackers."
     )
+    allow_risky_hyperparameters: bool = Field(False, description="Run even with values that clearly break "
+                                              "DPO (learning rate over 10x the recommended maximum, beta < 0.001).")
     stop_on_critical: bool = Field(
         False, description="Watchdog: stop the run when a critical symptom appears."
     )
@@ -165,13 +167,22 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.loss_type not in LOSSES:
-            raise ValueError(f"loss_type: unknown loss {self.loss_type!r} (choose from {', '.join(LOSSES)})")
+            raise ValueError(f"field 'loss_type': unknown loss {self.loss_type!r} (choose from {', '.join(LOSSES)})")
         if self.load_in_4bit and not self.use_lora:
-            raise ValueError(
-                "load_in_4bit: QLoRA needs use_lora: true (4-bit weights cannot be trained directly)"
-            )
+            raise ValueError("field 'load_in_4bit': QLoRA needs use_lora: true (4-bit weights cannot be trained)")
         if self.label_smoothing > 0 and self.loss_type not in ("conservative", "robust"):
-            raise ValueError(f"label_smoothing: only used by conservative and robust, not {self.loss_type}")
+            raise ValueError(f"field 'label_smoothing': only used by conservative and robust, not {self.loss_type}")
+        high = (LORA_LR_RANGE if self.use_lora else FULL_LR_RANGE)[1]
+        if self.resolved_learning_rate > 10 * high and not self.allow_risky_hyperparameters:
+            raise ValueError(
+                f"field 'learning_rate': {self.resolved_learning_rate} is over 10x the recommended maximum {high}; "
+                "DPO diverges at once at such rates. Set allow_risky_hyperparameters: true to run anyway"
+            )
+        if self.resolved_beta < 0.001 and not self.allow_risky_hyperparameters:
+            raise ValueError(
+                f"field 'beta': {self.resolved_beta} leaves the policy practically unanchored (gibberish). "
+                "Set allow_risky_hyperparameters: true to run anyway"
+            )
         return self
 
     # Resolved values: defaults that depend on other fields.
@@ -270,12 +281,13 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
         config = RunConfig(**data)
     except ValidationError as error:
         first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "config"
         source = f"{path}: " if path is not None else ""
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             message = "unknown field"
-        raise DpokitError(f"{source}field '{field}': {message}") from None
+        if first["loc"]:
+            message = f"field '{'.'.join(str(part) for part in first['loc'])}': {message}"
+        raise DpokitError(f"{source}{message}") from None
     for note in range_warnings(config):
         warnings.warn(note, UserWarning, stacklevel=2)
     return config
