@@ -15,7 +15,10 @@ from transformers import PreTrainedTokenizerBase
 from dpokit.config import RunConfig
 from dpokit.data.prepare import read_prompts
 from dpokit.diagnostics.findings import print_findings
+from dpokit.diagnostics.samples import generate_samples
+from dpokit.diagnostics.watchdog import Watchdog
 from dpokit.judges import vader_score
+from dpokit.models.loading import is_peft
 
 SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
@@ -33,12 +36,7 @@ class RunHooks:
     ) -> None:
         self.config, self.run_dir, self.tokenizer, self.console = config, run_dir, tokenizer, console
         self.main = accelerator.is_main_process
-        try:  # TEMP until diagnostics land
-            from dpokit.diagnostics.watchdog import Watchdog
-
-            self.watchdog = Watchdog(config.resolved(), stop_on_critical=config.stop_on_critical)
-        except ImportError:
-            self.watchdog = type("W", (), {"update": lambda self, r: []})()
+        self.watchdog = Watchdog(config.resolved(), stop_on_critical=config.stop_on_critical)
         self.prompts = read_prompts(config.sample_prompts) if config.sample_prompts else []
         self.evals: list[dict[str, Any]] = []
         self.judge_means: dict[int, float] = {}
@@ -52,13 +50,13 @@ class RunHooks:
             print_findings(findings, self.console)
 
     def on_samples(self, model: torch.nn.Module, step: int, before_training: bool = False) -> None:
-        """Generate answers to the fixed prompts; at step 0 they are the reference's (policy == reference)."""
+        """Generate answers to the fixed prompts; before training they are the reference's (policy == reference).
+
+        Greedy decoding: policy and reference answers differ only by what training changed. A PEFT policy
+        scores its answers' reference perplexity with its adapters disabled.
+        """
         if not self.prompts or not self.main:
             return
-        from dpokit.diagnostics.samples import generate_samples
-
-        state = torch.get_rng_state()
-        torch.manual_seed(self.config.seed)  # same sampling noise at every step; training RNG left untouched
         records = generate_samples(
             model,
             self.tokenizer,
@@ -66,8 +64,8 @@ class RunHooks:
             self.config.sample_max_new_tokens,
             step,
             "reference" if before_training else "policy",
+            reference_model=model if is_peft(model) else None,
         )
-        torch.set_rng_state(state)
         if self.config.judge == "vader":
             for record, score in zip(records, vader_score([r["text"] for r in records])):
                 record["judge"] = score
@@ -75,7 +73,7 @@ class RunHooks:
         with (self.run_dir / "samples.jsonl").open("a", encoding="utf-8") as file:
             for record in records:
                 file.write(json.dumps(record) + "\n")
-        findings = self.watchdog.update_samples(records) if hasattr(self.watchdog, "update_samples") else []
+        findings = self.watchdog.update_samples(records)
         if findings:
             print_findings(findings, self.console)
 
@@ -91,22 +89,15 @@ class RunHooks:
             first, last = self.evals[0], self.evals[-1]
             for key in SUMMARY_KEYS:
                 table.add_row(f"held-out {key}", f"{first[key]:.4f}", f"{last[key]:.4f}")
-        if len(self.judge_means) >= 2:
-            steps = sorted(self.judge_means)
-            table.add_row(
-                "judge mean of samples",
-                f"{self.judge_means[steps[0]]:+.4f}",
-                f"{self.judge_means[steps[-1]]:+.4f}",
-            )
+        steps = sorted(self.judge_means)
+        if len(steps) >= 2:
+            before, after = self.judge_means[steps[0]], self.judge_means[steps[-1]]
+            table.add_row("judge mean of samples", f"{before:+.4f}", f"{after:+.4f}")
         self.console.print(table)
-        (self.run_dir / "summary.json").write_text(
-            json.dumps(
-                {
-                    "eval_before": self.evals[0] if self.evals else None,
-                    "eval_after": self.evals[-1] if self.evals else None,
-                    "judge_before": self.judge_means.get(min(self.judge_means, default=0)),
-                    "judge_after": self.judge_means.get(max(self.judge_means, default=0)),
-                },
-                indent=2,
-            )
-        )
+        summary = {
+            "eval_before": self.evals[0] if self.evals else None,
+            "eval_after": self.evals[-1] if self.evals else None,
+            "judge_before": self.judge_means[steps[0]] if steps else None,
+            "judge_after": self.judge_means[steps[-1]] if steps else None,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
