@@ -120,3 +120,56 @@ def export(
     except DpokitError as error:
         _fail(error)
     console.print(f"wrote {path}")
+
+
+@app.command()
+def audit(
+    data: Annotated[str, typer.Argument(help="Preference data file or directory.")],
+    model: Annotated[
+        str | None, typer.Option(help="Tokenizer and step-0 reference for the model checks.")
+    ] = None,
+    max_length: Annotated[int, typer.Option(help="Truncation length to check against.")] = 1024,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write stats and findings to this JSON file.")
+    ] = None,
+) -> None:
+    """Find what in a preference dataset will hurt DPO (length bias, shortcuts, near-identical pairs, ...)."""
+    from dpokit.diagnostics.audit import audit_command
+
+    try:
+        audit_command(data, model, max_length, json_out, console=Console(soft_wrap=True))
+    except DpokitError as error:
+        _fail(error)
+
+
+@app.command()
+def doctor(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (finished or not).")],
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the findings to this JSON file.")
+    ] = None,
+) -> None:
+    """Name what went wrong in a run, with evidence, cause and fix. Exit 1 when a warning is found."""
+    from dpokit.diagnostics.commands import doctor_command
+
+    try:
+        code = doctor_command(run_dir, json_out, console=Console(soft_wrap=True))
+    except DpokitError as error:
+        _fail(error)
+    raise typer.Exit(code)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    out: Annotated[
+        Path | None, typer.Option(help="HTML file to write (default RUN_DIR/report.html).")
+    ] = None,
+) -> None:
+    """Write a self-contained HTML report of a run: curves, doctor findings, policy vs reference samples."""
+    from dpokit.diagnostics.commands import report_command
+
+    try:
+        report_command(run_dir, out, console=console)
+    except DpokitError as error:
+        _fail(error)
