@@ -76,6 +76,22 @@ def train(
     console.print(f"done: {run_dir}/final")
 
 
+@app.command()
+def config() -> None:
+    """List every config field with its default and meaning (the reference for YAML files and overrides)."""
+    from rich.table import Table
+
+    from dpokit.config import RunConfig
+
+    table = Table(show_lines=False)
+    for column in ("field", "default", "meaning"):
+        table.add_column(column)
+    for name, field in RunConfig.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        table.add_row(name, repr(default), field.description or "")
+    Console(soft_wrap=False, width=160).print(table)
+
+
 @app.command("eval")
 def evaluate(
     policy: Annotated[str, typer.Option(help="Policy: model directory or PEFT adapter directory.")],
