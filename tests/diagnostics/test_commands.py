@@ -37,7 +37,7 @@ def test_doctor_warning_exits_1_and_writes_strict_json(make_run, flat_records, t
     run_dir = make_run(flat_records)
     out = tmp_path / "findings.json"
     assert doctor_command(run_dir, out, console) == 1
-    assert "(flat_loss)" in console.file.getvalue()
+    assert "flat_loss at step 200" in console.file.getvalue()
     payload = json.loads(out.read_text(), parse_constant=_reject_constant)
     assert payload["run_dir"] == str(run_dir)
     [finding] = payload["findings"]

@@ -44,9 +44,16 @@ def test_print_findings():
     console = _console()
     print_findings([diagnosed("flat_loss", "loss 0.6931 over steps 21-40", {}, 40)], console)
     out = console.file.getvalue()
-    assert "WARNING" in out and "(flat_loss)" in out
+    assert "WARNING Loss is flat" in out and "flat_loss at step 40" in out
     assert "Evidence: loss 0.6931 over steps 21-40" in out
     assert "Fix: Verify the labels" in out
+
+
+def test_long_lines_wrap_on_a_soft_wrapping_console():
+    console = Console(file=io.StringIO(), width=60, color_system=None, soft_wrap=True)
+    print_findings([diagnosed("flat_loss", "word " * 40 + "END", {}, 40)], console)
+    out = console.file.getvalue()
+    assert "END" in out and max(len(line) for line in out.splitlines()) <= 60
 
 
 def test_print_no_findings():

@@ -137,8 +137,16 @@ def render_finding(finding: Finding) -> Panel:
         body.append(f"{label}: ", style="bold")
         body.append(text + "\n")
     body.rstrip()
-    title = f"[{style}]{finding.severity.upper()}[/] {finding.title} [dim]({finding.code})[/]"
-    return Panel(body, title=title, title_align="left", border_style=style)
+    title = f"[{style}]{finding.severity.upper()}[/] {finding.title}"
+    step = f" at step {finding.step}" if finding.step is not None else ""
+    return Panel(
+        body,
+        title=title,
+        title_align="left",
+        subtitle=f"{finding.code}{step}",
+        subtitle_align="right",
+        border_style=style,
+    )
 
 
 def print_findings(findings: list[Finding], console: Console) -> None:
@@ -147,4 +155,5 @@ def print_findings(findings: list[Finding], console: Console) -> None:
         console.print("[green]No problems found.[/]")
         return
     for finding in sort_findings(findings):
-        console.print(render_finding(finding))
+        # Wrap inside the panel even on a soft-wrapping console, which would crop the lines instead.
+        console.print(render_finding(finding), soft_wrap=False)
