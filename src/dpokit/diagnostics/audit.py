@@ -159,7 +159,7 @@ def summary_table(stats: Stats) -> Table:
 def write_json(path: Path, report: dict[str, Any]) -> None:
     """Write atomically: a crash never leaves a half-written report under the final name."""
     partial_path = path.with_name(f".{path.name}.partial")
-    partial_path.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    partial_path.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     os.replace(partial_path, path)
 
 
