@@ -72,3 +72,9 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
         write_text_atomic(path, "new")
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["report.html"]  # no temporary file left behind
+
+
+def test_reference_samples_only(make_run, healthy_records, healthy_samples, tmp_path):
+    reference = [s for s in healthy_samples if s["source"] == "reference"]
+    html = write_report(make_run(healthy_records, samples=reference), tmp_path / "r.html").read_text()
+    assert "<summary>no policy samples</summary>" in html and "<th>Policy</th>" in html

@@ -200,9 +200,8 @@ def _sample_cell(sample: dict[str, Any] | None) -> str:
     ref_ppl = sample.get("ref_ppl")
     meta = f"{sample['num_tokens']} tokens · repetition {sample.get('repetition', 0.0):.2f}"
     meta += f" · ref ppl {ref_ppl:.3g}" if finite(ref_ppl) else ""
-    meta += (
-        f" · judge {sample['judge']:+.2f}" if finite(sample.get("judge")) else ""
-    )  # the trainer's judge score
+    judge = sample.get("judge")  # the trainer's judge score, when it has a judge
+    meta += f" · judge {judge:+.2f}" if finite(judge) else ""
     return f'<td><div class="text">{escape(sample["text"])}</div><div class="meta">{meta}</div></td>'
 
 
@@ -221,10 +220,12 @@ def _samples(samples: list[dict[str, Any]]) -> str:
             f'<tr><td class="text">{escape(p)}</td>{_sample_cell(reference.get(p))}{_sample_cell(policy.get(p))}</tr>'
             for p in prompts
         )
-        heading = "no policy samples" if step is None else f"policy at step {step}"
-        table = (
-            f"<table><tr><th>Prompt</th><th>Reference</th><th>Policy (step {step})</th></tr>{rows}</table>"
+        heading, column = (
+            ("no policy samples", "Policy")
+            if step is None
+            else (f"policy at step {step}", f"Policy (step {step})")
         )
+        table = f"<table><tr><th>Prompt</th><th>Reference</th><th>{column}</th></tr>{rows}</table>"
         tables.append(
             f"<details{' open' if index == 0 else ''}><summary>{heading}</summary>{table}</details>"
         )
