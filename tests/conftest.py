@@ -1,61 +1,13 @@
-"""Shared fixtures: a tiny random Llama and a tiny byte-level BPE tokenizer with a chat template (no downloads)."""
+"""Shared fixtures built on tests/tiny_models.py: tiny random Llamas and a tiny tokenizer (no downloads)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-CORPUS = [
-    "The movie was wonderful and the actors were great.",
-    "I hated the film, it was boring and far too long.",
-    "What color is the sky? The sky is blue. The grass is green.",
-    "Write a short review of the movie. A delightful comedy with a warm heart!",
-    "user assistant system Hello there, how are you today? I am fine, thanks.",
-] * 4
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    core = Tokenizer(models.BPE(unk_token=None))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|im_start|>", "<|im_end|>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    core.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|im_end|>",
-        pad_token="<pad>",
-        bos_token="<|im_start|>",
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
-def build_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+from tiny_models import CONVERSATIONAL_ROWS, STANDARD_ROWS, build_model, build_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -78,36 +30,6 @@ def tiny_reference_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     path = tmp_path_factory.mktemp("tiny-reference")
     build_model(len(tiny_tokenizer), seed=1).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-STANDARD_ROWS = [
-    {"prompt": "The movie was", "chosen": " wonderful and great.", "rejected": " boring."},
-    {
-        "prompt": "What color is the sky?",
-        "chosen": " The sky is blue.",
-        "rejected": " The grass is green, I think.",
-    },
-    {"prompt": "Hello there,", "chosen": " how are you today?", "rejected": " I hated the film."},
-    {
-        "prompt": "Write a short review.",
-        "chosen": " A delightful comedy with a warm heart!",
-        "rejected": " Too long.",
-    },
-] * 4
-
-CONVERSATIONAL_ROWS = [
-    {
-        "prompt": [{"role": "user", "content": row["prompt"]}],
-        "chosen": [{"role": "assistant", "content": row["chosen"].strip()}],
-        "rejected": [{"role": "assistant", "content": row["rejected"].strip()}],
-    }
-    for row in STANDARD_ROWS
-]
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 

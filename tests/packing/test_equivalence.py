@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import build_model
+from tiny_models import build_model
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logprobs import PairLogps, padded_pair_logps
 from dpokit.losses import LOSSES, LossParams
