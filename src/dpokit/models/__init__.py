@@ -1,0 +1,1 @@
+"""Loading policies, references and tokenizers; LoRA/QLoRA wrapping."""
