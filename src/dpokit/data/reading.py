@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,20 +16,28 @@ from dpokit.errors import DpokitError, where
 def _read_text(path: Path) -> str:
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        # A leading byte-order mark (spreadsheet tools write one) is not content: left in, it renames the
+        # first CSV column ("\ufeffprompt") and makes the first JSON line invalid.
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        raise DpokitError(f"{where(path, line)}: bytes that are not valid UTF-8 (at byte {error.start})") from None
+        raise DpokitError(
+            f"{where(path, line)}: bytes that are not valid UTF-8 (at byte {error.start})"
+        ) from None
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
-    for line, text in enumerate(_read_text(path).splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also splits on U+2028, U+0085 and others, which JSON strings may
+    # hold unescaped (json.dumps(..., ensure_ascii=False) writes them raw). A trailing "\r" is JSON whitespace.
+    for line, text in enumerate(_read_text(path).split("\n"), start=1):
         if not text.strip():
             continue
         try:
             yield line, json.loads(text)
         except json.JSONDecodeError as error:
-            raise DpokitError(f"{where(path, line)}: invalid JSON ({error.msg} at column {error.colno})") from None
+            raise DpokitError(
+                f"{where(path, line)}: invalid JSON ({error.msg} at column {error.colno})"
+            ) from None
 
 
 def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -49,10 +58,15 @@ def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _csv_records(path: Path) -> Iterator[tuple[int, Any]]:
-    reader = csv.DictReader(_read_text(path).splitlines())
+    # newline="" as the csv module requires: quoted cells keep their line breaks, and only real record
+    # separators end a row.
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     for record in reader:
         # Cells holding JSON message lists are decoded, so conversational data survives a CSV round trip.
-        yield reader.line_num, {key: _maybe_messages(value) for key, value in record.items() if key is not None}
+        yield (
+            reader.line_num,
+            {key: _maybe_messages(value) for key, value in record.items() if key is not None},
+        )
 
 
 def _maybe_messages(value: str | None) -> Any:
@@ -113,7 +127,9 @@ def read_records(source: str | Path) -> Iterator[tuple[int, Any]]:
     if path.exists():
         reader = READERS.get(path.suffix.lower())
         if reader is None:
-            raise DpokitError(f"{path}: unknown file type {path.suffix!r} (use .jsonl, .json, .parquet or .csv)")
+            raise DpokitError(
+                f"{path}: unknown file type {path.suffix!r} (use .jsonl, .json, .parquet or .csv)"
+            )
         return reader(path)
     if "/" in str(source) and not str(source).startswith((".", "/")) and path.suffix == "":
         return _hub_records(str(source))
