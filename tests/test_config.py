@@ -31,11 +31,11 @@ def test_yaml_file_with_overrides(tmp_path):
 @pytest.mark.parametrize(
     "override, reason",
     [
-        ("beta=0.005", "beta=0.005 is below 0.01"),
-        ("beta=0.5", "beta=0.5 is above 0.1"),
-        ("learning_rate=5e-4", "learning_rate=0.0005 is above 0.0001 for LoRA"),
-        ("num_epochs=5", "num_epochs=5 is above 3"),
-        ("effective_batch_size=16", "effective_batch_size=16 is below 128"),
+        ("beta=0.005", r"beta = 0.005 is below the recommended range \(recommended 0.01-0.1\): .*gibberish"),
+        ("beta=0.5", r"beta = 0.5 is above the recommended range \(recommended 0.01-0.1\)"),
+        ("learning_rate=5e-4", r"learning_rate = 0.0005 is above .*5e-06-0.0001.*LoRA"),
+        ("num_epochs=5", r"num_epochs = 5 is above .*reward hacking"),
+        ("effective_batch_size=16", r"effective_batch_size = 16 is below .*gradient accumulation"),
     ],
 )
 def test_out_of_range_values_warn_with_the_reason(override, reason):

@@ -26,11 +26,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Direct Preference Optimization that is fast, light and guarded.",
 )
-console = Console(stderr=True, soft_wrap=True)
+console = Console(stderr=True)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 
 def _fail(error: DpokitError) -> None:
@@ -153,7 +153,7 @@ def audit(
     from dpokit.diagnostics.audit import audit_command
 
     try:
-        audit_command(data, model, max_length, json_out, console=Console(soft_wrap=True))
+        audit_command(data, model, max_length, json_out, console=Console())
     except DpokitError as error:
         _fail(error)
 
@@ -169,7 +169,7 @@ def doctor(
     from dpokit.diagnostics.commands import doctor_command
 
     try:
-        code = doctor_command(run_dir, json_out, console=Console(soft_wrap=True))
+        code = doctor_command(run_dir, json_out, console=Console())
     except DpokitError as error:
         _fail(error)
     raise typer.Exit(code)

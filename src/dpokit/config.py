@@ -147,8 +147,11 @@ class RunConfig(BaseModel):
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         ["tensorboard"], description="Trackers."
     )
-    allow_risky_hyperparameters: bool = Field(False, description="Run even with values that clearly break "
-                                              "DPO (learning rate over 10x the recommended maximum, beta < 0.001).")
+    allow_risky_hyperparameters: bool = Field(
+        False,
+        description="Run even with values that clearly break "
+        "DPO (learning rate over 10x the recommended maximum, beta < 0.001).",
+    )
     stop_on_critical: bool = Field(
         False, description="Watchdog: stop the run when a critical symptom appears."
     )
@@ -167,11 +170,17 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.loss_type not in LOSSES:
-            raise ValueError(f"field 'loss_type': unknown loss {self.loss_type!r} (choose from {', '.join(LOSSES)})")
+            raise ValueError(
+                f"field 'loss_type': unknown loss {self.loss_type!r} (choose from {', '.join(LOSSES)})"
+            )
         if self.load_in_4bit and not self.use_lora:
-            raise ValueError("field 'load_in_4bit': QLoRA needs use_lora: true (4-bit weights cannot be trained)")
+            raise ValueError(
+                "field 'load_in_4bit': QLoRA needs use_lora: true (4-bit weights cannot be trained)"
+            )
         if self.label_smoothing > 0 and self.loss_type not in ("conservative", "robust"):
-            raise ValueError(f"field 'label_smoothing': only used by conservative and robust, not {self.loss_type}")
+            raise ValueError(
+                f"field 'label_smoothing': only used by conservative and robust, not {self.loss_type}"
+            )
         high = (LORA_LR_RANGE if self.use_lora else FULL_LR_RANGE)[1]
         if self.resolved_learning_rate > 10 * high and not self.allow_risky_hyperparameters:
             raise ValueError(
@@ -214,45 +223,18 @@ class RunConfig(BaseModel):
 
 
 def range_warnings(config: RunConfig) -> list[str]:
-    """Why each value outside SPEC §2's recommended ranges is risky; empty when everything is in range."""
-    notes = []
-    beta = config.resolved_beta
-    low, high = SIMPO_BETA_RANGE if config.loss_type == "simpo" else BETA_RANGE
-    if beta < low:
-        notes.append(
-            f"beta={beta} is below {low}: the policy may follow preferences too aggressively and drift "
-            "into gibberish; raise it toward 0.1"
-        )
-    elif beta > high and not (config.loss_type != "simpo" and beta <= 0.2):
-        notes.append(
-            f"beta={beta} is above {high}: the KL penalty will hold the policy so close to the reference "
-            "that it barely learns the preferences"
-        )
-    lr = config.resolved_learning_rate
-    low, high = LORA_LR_RANGE if config.use_lora else FULL_LR_RANGE
-    kind = "LoRA" if config.use_lora else "full fine-tuning"
-    if lr > high:
-        notes.append(
-            f"learning_rate={lr} is above {high} for {kind}: DPO diverges at SFT-like rates (gibberish, "
-            "collapsing log-probs)"
-        )
-    elif lr < low:
-        notes.append(f"learning_rate={lr} is below {low} for {kind}: the loss may stay flat")
-    if config.num_epochs > 3:
-        notes.append(
-            f"num_epochs={config.num_epochs} is above 3: repeated passes tend to reward hacking "
-            "(accuracy up, real quality down); 1 epoch is usually best"
-        )
-    if config.effective_batch_size < 128:
-        notes.append(
-            f"effective_batch_size={config.effective_batch_size} is below 128: pair gradients are noisy; "
-            "raise it with gradient accumulation"
-        )
-    elif config.effective_batch_size > 1024:
-        notes.append(
-            f"effective_batch_size={config.effective_batch_size} is above 1024: few optimizer steps per epoch"
-        )
-    return notes
+    """Why each value outside SPEC §2's recommended ranges is risky; empty when everything is in range.
+
+    The same checks the doctor and the watchdog run (``dpokit.diagnostics.hyperparameters``), so the
+    ranges and their reasons are written once.
+    """
+    from dpokit.diagnostics.hyperparameters import hyperparameter_findings  # it imports this module's ranges
+
+    return [
+        f"{finding.title} ({finding.evidence.split('; ', 1)[1].rstrip('.')}): {finding.cause} {finding.fix}"
+        for finding in hyperparameter_findings(config.resolved())
+        if finding.severity != "info"
+    ]
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
