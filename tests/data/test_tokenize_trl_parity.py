@@ -15,9 +15,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
-from tiny_models import CONVERSATIONAL_ROWS, STANDARD_ROWS, write_jsonl
 from dpokit.data.reading import load_rows
 from dpokit.data.tokenize import TokenizedDataset, tokenize_rows
+from tiny_models import CONVERSATIONAL_ROWS, STANDARD_ROWS, write_jsonl
 
 EOS = "<|im_end|>"
 
@@ -44,7 +44,9 @@ TRICKY_CONVERSATIONAL_ROWS = [
         "rejected": _messages(("assistant", "Too long.")),
     },
     {
-        "prompt": _messages(("user", "Hello there,"), ("assistant", "Hi!"), ("user", "What color is the sky?")),
+        "prompt": _messages(
+            ("user", "Hello there,"), ("assistant", "Hi!"), ("user", "What color is the sky?")
+        ),
         "chosen": _messages(("assistant", "The sky is blue.")),
         "rejected": _messages(("assistant", "Green."), ("user", "Really?"), ("assistant", "Yes.")),
     },
@@ -80,7 +82,9 @@ def trl_sequences(model_dir: Path, tokenizer, records: list[dict], max_length: i
     """
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir),
-        args=DPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, max_length=max_length),
+        args=DPOConfig(
+            output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, max_length=max_length
+        ),
         processing_class=tokenizer,
         train_dataset=Dataset.from_list(records),
     )
