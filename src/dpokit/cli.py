@@ -189,3 +189,7 @@ def report(
         report_command(run_dir, out, console=console)
     except DpokitError as error:
         _fail(error)
+
+
+if __name__ == "__main__":
+    app()

