@@ -32,6 +32,13 @@ def eval_command(
     model with adapters disabled when the policy is a PEFT adapter."""
     if loss_type not in LOSSES:
         raise DpokitError(f"--loss-type: unknown loss {loss_type!r} (choose from {', '.join(LOSSES)})")
+    # The same bounds as the config's fields: outside them the metrics are inf/nan or the command crashes.
+    if beta <= 0:
+        raise DpokitError(f"--beta: must be greater than 0, got {beta}")
+    if not 0 <= label_smoothing < 0.5:
+        raise DpokitError(f"--label-smoothing: must be in [0, 0.5), got {label_smoothing}")
+    if batch_size < 1:
+        raise DpokitError(f"--batch-size: must be at least 1, got {batch_size}")
     tokenizer = load_tokenizer(policy_path)
     pairs, report = load_pairs(data, tokenizer, max_length)
     base = adapter_base(policy_path)

@@ -91,7 +91,10 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
 def _saved_dataset_records(path: Path) -> Iterator[tuple[int, Any]]:
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as error:  # a foreign or half-written directory fails with several unrelated types
+        raise DpokitError(f"{path}: not a readable dataset saved with `save_to_disk` ({error})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
             raise DpokitError(f"{path}: a DatasetDict without a 'train' split (has {', '.join(loaded)})")
