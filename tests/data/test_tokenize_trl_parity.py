@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from datasets import Dataset
+from tokenizers import processors
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
@@ -71,6 +72,22 @@ IMPLICIT_CONVERSATIONAL_ROWS = [
 def tokenizer(tiny_model_dir):
     """The tokenizer as both dpokit and TRL load it from the model directory."""
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def special_tokens_tokenizer(tiny_model_dir):
+    """A tokenizer that wraps every encoded text in BOS ... EOS itself (Llama adds BOS, T5-likes add EOS).
+
+    The prompt's ids then end with an EOS that prompt+answer does not have there, so the answer starts where
+    the two diverge, and a standard answer ends with two EOS tokens (the appended one and the added one).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}",
+        special_tokens=[(bos, tokenizer.bos_token_id), (eos, tokenizer.eos_token_id)],
+    )
+    return tokenizer
 
 
 def trl_sequences(model_dir: Path, tokenizer, records: list[dict], max_length: int, tmp_path: Path):
@@ -156,3 +173,18 @@ def test_truncation_and_dropped_prompts_match_trl(records, max_length, tiny_mode
     assert dpokit_sequences(tokenized) == expected
     assert tokenized.dropped_long_prompts == len(records) - len(expected)
     assert tokenized.truncated == truncated
+
+
+@pytest.mark.parametrize(
+    "records", [TRICKY_STANDARD_ROWS, IMPLICIT_STANDARD_ROWS], ids=["standard", "implicit-string"]
+)
+def test_token_ids_match_trl_when_the_tokenizer_adds_special_tokens(
+    records, tiny_model_dir, special_tokens_tokenizer, tmp_path
+):
+    """With BOS and EOS added by the tokenizer, dpokit still splits prompt and answers where TRL does."""
+    tokenized, (expected, _) = tokenize_both(
+        records, 1024, tiny_model_dir, special_tokens_tokenizer, tmp_path
+    )
+    bos, eos = special_tokens_tokenizer.bos_token_id, special_tokens_tokenizer.eos_token_id
+    assert all(chosen[0] == bos and chosen[-2:] == [eos, eos] for chosen, *_ in expected)  # the case is real
+    assert dpokit_sequences(tokenized) == expected
