@@ -43,7 +43,9 @@ CONVERSATIONAL_PAIRS = [
 EMPTY_PROMPT_PAIRS = [{**row, "prompt": ""} for row in STANDARD_ROWS[:4]]
 
 
-def dpokit_eval(policy, reference, data, out, loss_type, beta, label_smoothing) -> dict[str, float]:
+def dpokit_eval(
+    policy, reference, data, out, loss_type, beta, label_smoothing, max_length
+) -> dict[str, float]:
     options = {
         "--policy": policy,
         "--reference": reference,
@@ -53,20 +55,23 @@ def dpokit_eval(policy, reference, data, out, loss_type, beta, label_smoothing) 
         "--loss-type": loss_type,
         "--beta": beta,
         "--label-smoothing": label_smoothing,
+        "--max-length": max_length,
     }
     result = CliRunner().invoke(app, ["eval", *(str(item) for option in options.items() for item in option)])
     assert result.exit_code == 0, result.output
     return json.loads(out.read_text())
 
 
-def trl_evaluate(policy, reference, data, tmp_path, loss_type, beta, label_smoothing) -> dict[str, float]:
+def trl_evaluate(
+    policy, reference, data, tmp_path, loss_type, beta, label_smoothing, max_length
+) -> dict[str, float]:
     dataset = load_dataset("json", data_files=str(data), split="train")
     args = DPOConfig(
         output_dir=str(tmp_path / "trl"),
         report_to="none",
         use_cpu=True,
         bf16=False,
-        max_length=1024,
+        max_length=max_length,
         per_device_eval_batch_size=BATCH_SIZE,
         loss_type=[loss_type],
         beta=beta,
@@ -85,20 +90,18 @@ def trl_evaluate(policy, reference, data, tmp_path, loss_type, beta, label_smoot
 
 
 @pytest.mark.parametrize(
-    ("pairs", "loss_type", "beta", "label_smoothing"),
+    ("pairs", "loss_type", "beta", "label_smoothing", "max_length"),
     [
-        pytest.param(STANDARD_PAIRS, "sigmoid", 0.1, 0.0, id="standard-sigmoid"),
-        pytest.param(STANDARD_PAIRS, "ipo", 0.1, 0.0, id="standard-ipo"),
-        pytest.param(STANDARD_PAIRS, "hinge", 0.5, 0.0, id="standard-hinge"),
-        pytest.param(STANDARD_PAIRS, "robust", 0.1, 0.2, id="standard-robust"),
-        pytest.param(CONVERSATIONAL_PAIRS, "sigmoid", 0.1, 0.0, id="conversational-sigmoid"),
-        pytest.param(CONVERSATIONAL_PAIRS, "ipo", 0.1, 0.0, id="conversational-ipo"),
+        pytest.param(STANDARD_PAIRS, "sigmoid", 0.1, 0.0, 1024, id="standard-sigmoid"),
+        pytest.param(STANDARD_PAIRS, "ipo", 0.1, 0.0, 1024, id="standard-ipo"),
+        pytest.param(STANDARD_PAIRS, "hinge", 0.5, 0.0, 1024, id="standard-hinge"),
+        pytest.param(STANDARD_PAIRS, "robust", 0.1, 0.2, 1024, id="standard-robust"),
+        # max_length 12 drops the four prompts of 12+ tokens and cuts every answer of the other four.
+        pytest.param(STANDARD_PAIRS, "ipo", 0.1, 0.0, 12, id="standard-truncated-ipo"),
+        pytest.param(CONVERSATIONAL_PAIRS, "sigmoid", 0.1, 0.0, 1024, id="conversational-sigmoid"),
+        pytest.param(CONVERSATIONAL_PAIRS, "ipo", 0.1, 0.0, 1024, id="conversational-ipo"),
         pytest.param(
-            EMPTY_PROMPT_PAIRS,
-            "ipo",
-            0.1,
-            0.0,
-            id="empty-prompt-ipo",
+            EMPTY_PROMPT_PAIRS, "ipo", 0.1, 0.0, 1024, id="empty-prompt-ipo",
             marks=pytest.mark.xfail(
                 strict=True,
                 reason="IPO divides by the scored answer tokens (completion_mask[:, 1:]); TRL divides by all "
@@ -106,19 +109,19 @@ def trl_evaluate(policy, reference, data, tmp_path, loss_type, beta, label_smoot
             ),
         ),
     ],
-)
+)  # fmt: skip
 def test_eval_metrics_match_trl(
-    pairs, loss_type, beta, label_smoothing, tiny_model_dir, tiny_reference_dir, tmp_path
+    pairs, loss_type, beta, label_smoothing, max_length, tiny_model_dir, tiny_reference_dir, tmp_path
 ):
-    """Loss, rewards, accuracies, margins and summed log-probs agree with TRL within 1e-4 for each loss."""
+    """Loss, rewards, accuracies, margins and summed log-probs agree with TRL within 1e-4 for each loss, also
+    when rows are dropped and answers truncated at max_length."""
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    ours = dpokit_eval(
-        tiny_model_dir, tiny_reference_dir, data, tmp_path / "metrics.json", loss_type, beta, label_smoothing
-    )
-    theirs = trl_evaluate(
-        tiny_model_dir, tiny_reference_dir, data, tmp_path, loss_type, beta, label_smoothing
-    )
-    assert ours["num_pairs"] == len(pairs)
+    settings = (loss_type, beta, label_smoothing, max_length)
+    ours = dpokit_eval(tiny_model_dir, tiny_reference_dir, data, tmp_path / "metrics.json", *settings)
+    theirs = trl_evaluate(tiny_model_dir, tiny_reference_dir, data, tmp_path, *settings)
+    assert ours["num_pairs"] % BATCH_SIZE == 0  # TRL's mean of batch means is then the mean over pairs
+    assert ours["num_pairs"] + ours["dropped_long_prompts"] == len(pairs)
+    assert (ours["dropped_long_prompts"] > 0) == (max_length < 1024)
     assert 0 < theirs["rewards/accuracies"] < 1  # the two random models disagree on some pairs, not all
     for name in METRICS:
         assert ours[name] == pytest.approx(theirs[name], abs=1e-4), name
