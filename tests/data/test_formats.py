@@ -2,7 +2,8 @@
 
 The expected rows are the records the test writes; the writers are the usual ones (json, pyarrow, csv,
 `datasets`), so these are files as users have them. Texts carry what breaks naive readers: a newline, a
-Unicode line separator (U+2028, legal unescaped in JSON), a NEL (U+0085), commas and quotes (CSV), emoji.
+Unicode line separator (U+2028, legal unescaped in JSON), a NEL (U+0085), commas and quotes (CSV), emoji,
+and an answer that is itself JSON (a CSV cell must not turn it into a message list).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ STANDARD = [
     {"prompt": "The movie was", "chosen": ' wonderful, "truly" great.', "rejected": " boring."},
     {"prompt": "Line one\nline two", "chosen": " two\u2028lines 🙂", "rejected": " café\u0085ok"},
     {"prompt": "Hello there,", "chosen": " how are you today?", "rejected": " I hated the film."},
+    {
+        "prompt": "The ids as JSON:",
+        "chosen": '[{"id": 1}, {"id": 2}]',
+        "rejected": "[{oops}]",
+    },  # text, not messages
 ]
 CONVERSATIONAL = [
     {
@@ -121,7 +127,7 @@ def test_rows_match_what_datasets_reads(fmt, tmp_path):
 def test_jsonl_line_numbers_count_newlines_only(tmp_path):
     """A raw U+2028 inside a string does not shift line numbers: errors point at the line an editor shows."""
     path = write_jsonl_unescaped(tmp_path / "pairs.jsonl", [*STANDARD, {"prompt": "a", "chosen": "b"}])
-    with pytest.raises(DpokitError, match=r"pairs\.jsonl:4: field 'rejected' is missing"):
+    with pytest.raises(DpokitError, match=rf"pairs\.jsonl:{len(STANDARD) + 1}: field 'rejected' is missing"):
         load_rows(path)
 
 

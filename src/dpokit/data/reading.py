@@ -70,12 +70,16 @@ def _csv_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _maybe_messages(value: str | None) -> Any:
-    if value is not None and value.startswith("[{") and value.endswith("}]"):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
+    """A cell holding a JSON list of messages (objects with a 'role') becomes that list; any other text stays
+    text, even JSON: a standard answer may itself be '[{"id": 1}]'."""
+    if value is None or not value.startswith("[{"):
+        return value
+    try:
+        decoded = json.loads(value)
+    except json.JSONDecodeError:
+        return value
+    is_messages = isinstance(decoded, list) and all(isinstance(m, dict) and "role" in m for m in decoded)
+    return decoded if is_messages else value
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
