@@ -239,7 +239,8 @@ def test_eval_rejects_bad_options(options, message, run_eval, standard_file):
         pytest.param(
             "train",
             marks=pytest.mark.xfail(
-                strict=True,
+                # Not strict: whether the line appears depends on which packages are installed.
+                strict=False,
                 reason="importing transformers.optimization imports peft, whose bitsandbytes import prints "
                 "'Failed to load CPU gemm_4bit_forward ...' on stderr when the `kernels` package is absent",
             ),
