@@ -100,14 +100,7 @@ def trl_evaluate(
         pytest.param(STANDARD_PAIRS, "ipo", 0.1, 0.0, 12, id="standard-truncated-ipo"),
         pytest.param(CONVERSATIONAL_PAIRS, "sigmoid", 0.1, 0.0, 1024, id="conversational-sigmoid"),
         pytest.param(CONVERSATIONAL_PAIRS, "ipo", 0.1, 0.0, 1024, id="conversational-ipo"),
-        pytest.param(
-            EMPTY_PROMPT_PAIRS, "ipo", 0.1, 0.0, 1024, id="empty-prompt-ipo",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="IPO divides by the scored answer tokens (completion_mask[:, 1:]); TRL divides by all "
-                "answer tokens (completion_mask), one more when the prompt is empty",
-            ),
-        ),
+        pytest.param(EMPTY_PROMPT_PAIRS, "ipo", 0.1, 0.0, 1024, id="empty-prompt-ipo"),
     ],
 )  # fmt: skip
 def test_eval_metrics_match_trl(

@@ -9,6 +9,7 @@ dpokit export runs/dpokit --merge --out merged/
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Annotated
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from dpokit.errors import DpokitError
 
@@ -30,16 +32,19 @@ console = Console(stderr=True)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def _fail(error: DpokitError) -> None:
-    console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+    # escape: paths and chat markers like '[/INST]' are text, not rich markup.
+    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
 @app.callback()
 def main() -> None:
+    # bitsandbytes (imported by peft) logs that an optional CPU kernel package is missing; it is optional.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -33,12 +33,13 @@ def sequence_logps(
     """Sum of log p(answer token | previous tokens) over answer tokens only.
 
     logits (N, T, V) predict input_ids shifted by one: position t scores token t+1.
-    Returns (logps (N,), answer lengths (N,)).
+    Returns (logps (N,), answer lengths (N,)). The length counts every answer token, as TRL's does, even
+    the first token of an answer with an empty prompt, which nothing before it can score.
     """
     targets = input_ids[:, 1:]  # (N, T-1)
     mask = completion_mask[:, 1:].to(torch.float32)  # (N, T-1)
     per_token = token_logps(logits[:, :-1], targets)  # (N, T-1)
-    return (per_token * mask).sum(dim=1), mask.sum(dim=1)
+    return (per_token * mask).sum(dim=1), completion_mask.sum(dim=1).to(torch.float32)
 
 
 def padded_pair_logps(model: torch.nn.Module, pairs: list[TokenizedPair], pad_token_id: int) -> PairLogps:

@@ -118,16 +118,9 @@ BAD_DATA = [
         "(expected one of system, user, assistant, tool, developer)"),
 ]  # fmt: skip
 
-# Known bugs outside the data layer, kept visible: strict, so the mark must go once they are fixed.
-XFAIL = {
-    "role-that-looks-like-markup": pytest.mark.xfail(
-        strict=True, reason="cli._fail prints the message as rich markup: '[/INST]' raises MarkupError"
-    ),
-}
-
 
 def cases(table):
-    return [pytest.param(case, id=case.id, marks=XFAIL.get(case.id, ())) for case in table]
+    return [pytest.param(case, id=case.id) for case in table]
 
 
 def assert_clean_failure(result, expected: str, prefix: bool = False) -> None:
@@ -236,15 +229,7 @@ def test_eval_rejects_bad_options(options, message, run_eval, standard_file):
     "command",
     [
         "eval",
-        pytest.param(
-            "train",
-            marks=pytest.mark.xfail(
-                # Not strict: whether the line appears depends on which packages are installed.
-                strict=False,
-                reason="importing transformers.optimization imports peft, whose bitsandbytes import prints "
-                "'Failed to load CPU gemm_4bit_forward ...' on stderr when the `kernels` package is absent",
-            ),
-        ),
+        "train",
     ],
 )
 def test_real_process_prints_one_line(command, tiny_model_dir, tmp_path):
