@@ -15,19 +15,29 @@ from torch.utils.checkpoint import checkpoint
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: a (1024, 49152) float32 tile is 192 MiB
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(C, H) @ (V, H)^T (+ bias) -> (C, V) in float32, so low-precision weights still give float32 log-probs."""
-    logits = hidden @ weight.t()
-    if bias is not None:
-        logits = logits + bias
-    return logits.float()
+def _project(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+) -> torch.Tensor:
+    """Logits hidden @ weight^T (+ bias) of one chunk, (C, H) -> (C, V), written into the float32 tile `out`.
+
+    Writing into one reused tile matters on CPU: a fresh (C, V) tensor per chunk costs as much in page faults
+    as the elementwise work on it.
+    """
+    out = out[: hidden.shape[0]]
+    if weight.dtype == out.dtype:
+        torch.mm(hidden, weight.t(), out=out)
+    else:
+        out.copy_(hidden @ weight.t())  # low-precision weights: float32 logits, as dense_token_logps has them
+    return out if bias is None else out.add_(bias)
 
 
 class ChunkedLinearLogps(torch.autograd.Function):
     """log softmax(h W^T + b)[target] per token, never holding more than one (chunk, V) logits tile.
 
-    Forward saves only the inputs and each token's logsumexp (N,); backward recomputes the chunk's logits and
-    uses d logp / d logits = onehot(target) - softmax(logits).
+    Forward saves only the inputs and each token's logsumexp (N,). With p = softmax(logits) and upstream
+    gradient g (N,), d logp / d logits = onehot(target) - p, so backward recomputes p per chunk and forms
+        grad_h = g * (W[target] - p @ W)        grad_W = onehot^T (g h) - p^T (g h)        grad_b = ...
+    where the one-hot terms are row gathers and index_adds: the (C, V) tile is only ever exponentiated in place.
     """
 
     @staticmethod
@@ -39,13 +49,16 @@ class ChunkedLinearLogps(torch.autograd.Function):
         targets: torch.Tensor,  # (N,)
         chunk_size: int,
     ) -> torch.Tensor:
-        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        tile = hidden.new_empty((min(chunk_size, hidden.shape[0]), weight.shape[0]), dtype=torch.float32)
+        logps = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         lse = torch.empty_like(logps)
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
-            logits = _chunk_logits(hidden[start:end], weight, bias)  # (C, V)
-            lse[start:end] = torch.logsumexp(logits, dim=-1)
-            logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+            logits = _project(hidden[start:end], weight, bias, tile)  # (C, V)
+            picked = logits.gather(1, targets[start:end, None]).squeeze(1)
+            top = logits.amax(dim=1)
+            lse[start:end] = logits.sub_(top[:, None]).exp_().sum(dim=1).log_().add_(top)
+            logps[start:end] = picked - lse[start:end]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size = chunk_size
         return logps
@@ -54,25 +67,26 @@ class ChunkedLinearLogps(torch.autograd.Function):
     def backward(ctx: Any, grad_logps: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        # Accumulate the weight gradient in float32 whatever the weight dtype: it sums over all chunks.
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # Accumulate in float32 whatever the parameter dtype: the sums run over every chunk.
         grad_weight = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         )
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        grad_bias = (
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        )
+        tile = hidden.new_empty((min(ctx.chunk_size, hidden.shape[0]), weight.shape[0]), dtype=torch.float32)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
-            h = hidden[start:end]
-            # grad of logp wrt logits: g * (onehot - softmax), built in place over the recomputed logits tile
-            grad_logits = _chunk_logits(h, weight, bias).sub_(lse[start:end, None]).exp_()  # softmax, (C, V)
-            grad_logits.mul_(-grad_logps[start:end, None])
-            grad_logits.scatter_add_(1, targets[start:end, None], grad_logps[start:end, None].float())
+            h, g, t = hidden[start:end], grad_logps[start:end, None], targets[start:end]
+            probs = _project(h, weight, bias, tile).sub_(lse[start:end, None]).exp_()  # softmax, (C, V)
             if need_hidden:
-                grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[start:end] = (g * (weight[t].float() - probs @ weight.float())).to(hidden.dtype)
             if need_weight:
-                grad_weight.addmm_(grad_logits.t(), h.float())
+                gh = g * h.float()  # (C, H)
+                grad_weight.addmm_(probs.t(), gh, alpha=-1.0).index_add_(0, t, gh)
             if need_bias:
-                grad_bias += grad_logits.sum(0)
+                grad_bias.addmv_(probs.t(), g.squeeze(1), alpha=-1.0).index_add_(0, t, g.squeeze(1))
         return (
             grad_hidden,
             grad_weight.to(weight.dtype) if need_weight else None,
