@@ -106,9 +106,10 @@ def packed_pair_logps(
     logps = torch.zeros(num_sequences, dtype=torch.float32, device=device).index_add(
         0, batch.owners, token_logps
     )
-    lengths = torch.bincount(batch.owners, minlength=num_sequences).float()
     chosen, rejected = logps.chunk(2)
-    chosen_lengths, rejected_lengths = lengths.chunk(2)
+    # Every answer token counts, as in padded_pair_logps and TRL (even one that nothing before it can score).
+    chosen_lengths = torch.tensor([len(p.chosen_ids) for p in pairs], dtype=torch.float32, device=device)
+    rejected_lengths = torch.tensor([len(p.rejected_ids) for p in pairs], dtype=torch.float32, device=device)
     return PairLogps(chosen, rejected, chosen_lengths, rejected_lengths)
 
 
