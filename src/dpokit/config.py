@@ -52,6 +52,26 @@ class RunConfig(BaseModel):
         False, description="Recompute activations in backward: less memory, ~30% slower."
     )
 
+    packing: bool = Field(
+        True,
+        description="Pack each micro-batch's pairs into rows of up to token_budget "
+        "tokens with block-diagonal attention: no compute on padding. Exact; falls back to "
+        "padded batches for model families not verified for packing.",
+    )
+    share_prompt: bool = Field(
+        True,
+        description="Within packed rows, compute each prompt once; both answers "
+        "attend to it (needs packing). Exact.",
+    )
+    logps_chunk_size: int | None = Field(
+        1024,
+        ge=1,
+        description="Tokens per chunk when turning hidden states "
+        "into log-probs, so the [tokens x vocab] logits never exist at once; "
+        "None computes them densely.",
+    )
+    token_budget: int = Field(4096, ge=2, description="Maximum tokens in one packed row.")
+
     # --- LoRA / QLoRA ---
     use_lora: bool = Field(True, description="Train LoRA adapters instead of all weights.")
     load_in_4bit: bool = Field(

@@ -13,7 +13,6 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,10 @@ from dpokit.data.prepare import load_pairs, split_pairs
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.errors import DpokitError
 from dpokit.evaluate import evaluate_pairs, select
-from dpokit.logprobs import PairLogps, padded_pair_logps
+from dpokit.logprobs import PairLogps
 from dpokit.losses import LOSSES, LossParams, chosen_nll
 from dpokit.models.loading import add_lora, load_model, load_tokenizer, reference_context
+from dpokit.packing import build_logps_fn
 from dpokit.reference.cache import cached_reference_logps, compute_logps
 from dpokit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dpokit.train.hooks import RunHooks
@@ -109,7 +109,13 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
     data = prepare_datasets(config, tokenizer)
     for note in data.notes:
         warnings.warn(note, UserWarning, stacklevel=1)
-    logps_fn = partial(padded_pair_logps, pad_token_id=tokenizer.pad_token_id)
+    logps_fn = build_logps_fn(
+        tokenizer.pad_token_id,
+        config.packing,
+        config.share_prompt,
+        config.logps_chunk_size,
+        max(config.token_budget, config.max_length),
+    )
 
     # --- models ---
     policy = load_model(config.model, config.dtype, config.trust_remote_code, config.load_in_4bit)
@@ -135,16 +141,18 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
     # --- reference log-probs: once for the whole dataset, then the reference is freed ---
     if mode == "precompute":
         cache_dir = Path(config.cache_dir) / "reference"
+        # Packed and chunked log-probs equal padded ones only up to float rounding: part of the key.
+        method = f"packing={config.packing},share={config.share_prompt},chunk={config.logps_chunk_size}"
         with reference_context(policy, reference) as ref:
             data.train_reference, hit = cached_reference_logps(
-                ref, data.train, logps_fn, cache_dir, config.micro_batch_size * 2
+                ref, data.train, logps_fn, cache_dir, config.micro_batch_size * 2, method
             )
             console.print(
                 f"reference log-probs of {len(data.train)} train pairs: {'cache hit' if hit else 'computed'}"
             )
             if data.eval:
                 data.eval_reference, _ = cached_reference_logps(
-                    ref, data.eval, logps_fn, cache_dir, config.micro_batch_size * 2
+                    ref, data.eval, logps_fn, cache_dir, config.micro_batch_size * 2, method
                 )
         reference = None
         gc.collect()
