@@ -9,7 +9,7 @@ negative (rejected). Writes, under --out-dir:
     sentiment_pairs_heldout.jsonl    eval pairs, on prompts disjoint from train
     sentiment_prompts_heldout.txt    prompts in neither file, to score fresh generations
 
-Run from the repository root (about 8 minutes on 2 CPU cores):
+Run from the repository root (about 8 minutes on 2 idle CPU cores):
 
     python scripts/make_sentiment_pairs.py
 
