@@ -100,6 +100,17 @@ class RunConfig(BaseModel):
     eval_split: float = Field(
         0.0, ge=0.0, lt=1.0, description="Share of train_data held out when eval_data is None."
     )
+    train_subset: int | None = Field(
+        None,
+        ge=1,
+        description="Train on a seeded random subset of this many "
+        "pairs (quick experiments); None uses them all.",
+    )
+    eval_subset: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluate on a seeded random subset of this many held-out pairs; None uses them all.",
+    )
     max_length: int = Field(
         1024,
         ge=2,

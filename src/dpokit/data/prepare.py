@@ -49,26 +49,46 @@ class DataReport:
     def warnings(self) -> list[str]:
         notes = []
         if self.identical_skipped:
-            notes.append(f"{self.source}: skipped {self.identical_skipped} pairs whose chosen equals rejected")
+            notes.append(
+                f"{self.source}: skipped {self.identical_skipped} pairs whose chosen equals rejected"
+            )
         if self.dropped_long_prompts:
-            notes.append(f"{self.source}: dropped {self.dropped_long_prompts} rows whose prompt alone reaches "
-                         "max_length (raise max_length to keep them)")
+            notes.append(
+                f"{self.source}: dropped {self.dropped_long_prompts} rows whose prompt alone reaches "
+                "max_length (raise max_length to keep them)"
+            )
         if self.truncated:
             notes.append(f"{self.source}: truncated {self.truncated} pairs at max_length")
         return notes
 
 
-def load_pairs(source: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[list[TokenizedPair], DataReport]:
+def load_pairs(
+    source: str, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> tuple[list[TokenizedPair], DataReport]:
     path = resolve_path(source)
     rows, identical = load_rows(path)
     tokenized = tokenize_rows(tokenizer, rows, max_length)
     if not tokenized.pairs:
-        raise DpokitError(f"{path}: no usable pairs left after skipping identical pairs and over-long prompts")
-    report = DataReport(path, len(rows) + identical, identical, tokenized.dropped_long_prompts, tokenized.truncated)
+        raise DpokitError(
+            f"{path}: no usable pairs left after skipping identical pairs and over-long prompts"
+        )
+    report = DataReport(
+        path, len(rows) + identical, identical, tokenized.dropped_long_prompts, tokenized.truncated
+    )
     return tokenized.pairs, report
 
 
-def split_pairs(pairs: list[TokenizedPair], share: float, seed: int) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+def subset(pairs: list[TokenizedPair], size: int | None, seed: int) -> list[TokenizedPair]:
+    """A seeded random subset of `size` pairs, kept in dataset order; all pairs when size is None or larger."""
+    if size is None or size >= len(pairs):
+        return pairs
+    keep = sorted(random.Random(seed).sample(range(len(pairs)), size))
+    return [pairs[i] for i in keep]
+
+
+def split_pairs(
+    pairs: list[TokenizedPair], share: float, seed: int
+) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
     """Hold out `share` of the pairs (at least one), chosen by a seeded shuffle."""
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)

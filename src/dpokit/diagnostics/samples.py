@@ -79,19 +79,20 @@ def generate_samples(
     was_training = model.training
     model.eval()  # dropout off while generating; the training mode is restored below
     try:
-        for prompt in prompts:
-            prompt_ids = encode_prompt(tokenizer, prompt)
-            ids = torch.tensor([prompt_ids], device=model.device)  # (1, P)
-            output = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                pad_token_id=tokenizer.pad_token_id
-                if tokenizer.pad_token_id is not None
-                else tokenizer.eos_token_id,
-            )
-            answers.append((prompt, prompt_ids, output[0, len(prompt_ids) :].tolist()))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
+        width = max(len(ids) for ids in encoded)
+        # One left-padded batch: every prompt ends at the same column, so generation appends after it.
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in encoded], device=model.device)  # (B, P)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in encoded], device=model.device)
+        output = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            pad_token_id=pad_id,
+        )  # fmt: skip
+        for prompt, prompt_ids, row in zip(prompts, encoded, output[:, width:].tolist()):
+            # Stop at the first end-of-sequence token (kept, as a single generation would end there).
+            ends = [i for i, token in enumerate(row) if token in (tokenizer.eos_token_id, pad_id)]
+            answers.append((prompt, prompt_ids, row[: ends[0] + 1] if ends else row))
         scorer = model if source == "reference" else reference_model
         # Scoring after all generation, so disabling a PEFT policy's adapters cannot touch its answers.
         scope = scorer.disable_adapter() if scorer is model and source == "policy" else nullcontext()

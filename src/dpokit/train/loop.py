@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from dpokit.config import RunConfig
-from dpokit.data.prepare import load_pairs, split_pairs
+from dpokit.data.prepare import load_pairs, split_pairs, subset
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.errors import DpokitError
 from dpokit.evaluate import evaluate_pairs, select
@@ -69,7 +69,11 @@ def prepare_datasets(config: RunConfig, tokenizer) -> Datasets:
         train, held = split_pairs(train, config.eval_split, config.seed)
     else:
         held = []
-    return Datasets(train, held, notes=notes)
+    return Datasets(
+        subset(train, config.train_subset, config.seed),
+        subset(held, config.eval_subset, config.seed),
+        notes=notes,
+    )
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
