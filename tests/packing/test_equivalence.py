@@ -12,12 +12,12 @@ import warnings
 import pytest
 import torch
 
-from tiny_models import build_model
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logprobs import PairLogps, padded_pair_logps
 from dpokit.losses import LOSSES, LossParams
 from dpokit.packing import build_logps_fn, forward, packed_pair_logps
 from dpokit.reference.cache import compute_logps
+from tiny_models import build_model
 
 VOCAB, PAD = 320, 0
 # (prompt, chosen, rejected) lengths
@@ -113,6 +113,25 @@ def test_lora_policy_and_its_reference(pairs, reference) -> None:
         got, want = fn(model, pairs), padded_fn(model, pairs)
     torch.testing.assert_close(got.chosen, want.chosen, **TOLERANCE)
     torch.testing.assert_close(got.rejected, want.rejected, **TOLERANCE)
+
+
+def test_sdpa_with_the_4d_mask(pairs, reference, monkeypatch) -> None:
+    """The bool 4-D mask route into SDPA, which segment attention replaces by default."""
+    monkeypatch.setattr(forward, "SEGMENT_ATTENTION", frozenset())
+    model = build_model(VOCAB, seed=0)
+    fn = build_logps_fn(PAD, packing=True, share_prompt=True, chunk_size=8, token_budget=64)
+    assert_same(
+        loss_and_grads(model, fn, pairs, reference), loss_and_grads(model, padded_fn, pairs, reference)
+    )
+
+
+def test_gradient_checkpointing_recomputes_exactly(pairs, reference) -> None:
+    """Checkpointing reruns the forward in backward, after segment attention is switched off again."""
+    model = build_model(VOCAB, seed=0).train()
+    want = loss_and_grads(model, padded_fn, pairs, reference)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fn = build_logps_fn(PAD, packing=True, share_prompt=True, chunk_size=8, token_budget=64)
+    assert_same(loss_and_grads(model, fn, pairs, reference), want)
 
 
 def test_reference_precompute_on_the_packed_path(pairs) -> None:

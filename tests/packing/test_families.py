@@ -33,14 +33,19 @@ def tiny_model(family: str, **overrides) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("family", sorted(PACKING_FAMILIES))
-def test_family_accepts_packed_rows(family: str) -> None:
+@pytest.mark.parametrize("path", ["segments", "mask"])
+def test_family_accepts_packed_rows(family: str, path: str, monkeypatch) -> None:
+    """Both routes into SDPA: one call per segment (the default), and the 4-D mask."""
+    if path == "mask":
+        monkeypatch.setattr(forward, "SEGMENT_ATTENTION", frozenset())
     model, pairs = tiny_model(family), make_pairs()
-    assert attention_mode(model, row_length=64) == "mask"
+    assert attention_mode(model, row_length=64) == path
     with torch.inference_mode():
         got = packed_pair_logps(model, pairs, PAD, token_budget=64)
         want = padded_pair_logps(model, pairs, PAD)
     torch.testing.assert_close(got.chosen, want.chosen, **TOLERANCE)
     torch.testing.assert_close(got.rejected, want.rejected, **TOLERANCE)
+    assert model.config._attn_implementation == "sdpa"  # switched back after the packed forward
 
 
 @pytest.mark.parametrize("family, overrides", [("mpt", {}), ("granite", {"logits_scaling": 4.0})])

@@ -8,12 +8,14 @@ logits only for answer tokens, a chunk at a time.
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from functools import partial
 
 import torch
 
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logprobs import PairLogps, padded_pair_logps
+from dpokit.packing.attention import segment_attention
 from dpokit.packing.chunked import DEFAULT_CHUNK_SIZE, chunked_token_logps, dense_token_logps
 from dpokit.packing.layout import layout_pairs
 from dpokit.reference.cache import LogpsFn
@@ -22,6 +24,7 @@ from dpokit.reference.cache import LogpsFn
 # given, and the logits are the output layer applied to the decoder's output. Not so, and so left out: ALiBi
 # (mpt, bloom), state-space layers (jamba, falcon_h1), logit soft-capping (gemma2) or scaling (cohere, granite).
 PACKING_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "smollm3"})
+SEGMENT_ATTENTION = frozenset({"sdpa"})  # run one SDPA call per segment (packing/attention.py)
 MASK_ATTENTION = frozenset({"sdpa", "eager"})  # take the 4-D mask as is
 VARLEN_ATTENTION = frozenset({"flash_attention_2", "flash_attention_3"})  # packing from position ids only
 
@@ -33,12 +36,16 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def attention_mode(model: torch.nn.Module, row_length: int) -> str:
-    """How packed rows reach attention: 'mask' (4-D mask), 'position_ids' (varlen kernels, no shared prompt),
-    or 'padded' (not verified for this model: use the padded reference path)."""
+    """How packed rows reach attention: 'segments' (SDPA per segment), 'mask' (a 4-D mask), 'position_ids'
+    (varlen kernels, no shared prompt), or 'padded' (not verified for this model: the padded reference path)."""
     config = base_model(model).config
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     if config.model_type not in PACKING_FAMILIES or (window is not None and row_length > window):
         return "padded"  # a 4-D mask replaces the sliding-window mask, exact only while rows fit the window
+    # Checkpointing reruns the forward in backward, after segment_attention has switched back: it must meet
+    # the same kernel there, so checkpointed models take the mask.
+    if config._attn_implementation in SEGMENT_ATTENTION and not base_model(model).is_activation_checkpointing:
+        return "segments"
     if config._attn_implementation in MASK_ATTENTION:
         return "mask"
     return "position_ids" if config._attn_implementation in VARLEN_ATTENTION else "padded"
@@ -88,7 +95,7 @@ def packed_pair_logps(
         return padded_pair_logps(model, pairs, pad_token_id)
     head = base.get_output_embeddings()
     device = head.weight.device
-    share_prompt = share_prompt and mode == "mask"  # varlen kernels know causal segments only
+    share_prompt = share_prompt and mode != "position_ids"  # varlen kernels know causal segments only
     batch = layout_pairs(pairs, pad_token_id, share_prompt=share_prompt, token_budget=token_budget).to(device)
     inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
     if mode == "mask":
@@ -96,7 +103,10 @@ def packed_pair_logps(
         inputs["attention_mask"] = batch.attention_mask(
             base.get_input_embeddings().weight.dtype if eager else torch.bool
         )
-    hidden = final_hidden_states(model, **inputs)  # (R, T, H)
+    if mode == "segments":
+        inputs["packed_spans"] = batch.spans
+    with segment_attention(base) if mode == "segments" else nullcontext():
+        hidden = final_hidden_states(model, **inputs)  # (R, T, H)
     hidden = hidden.flatten(0, 1)[batch.sources]  # (N, H): the states that predict answer tokens
     if chunk_size is None:
         token_logps = dense_token_logps(head, hidden, batch.targets)

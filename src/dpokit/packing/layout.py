@@ -20,6 +20,7 @@ from dpokit.data.tokenize import TokenizedPair
 from dpokit.packing.binpack import pack_rows
 
 TRUNK = 0  # branch id of prompt tokens (and of whole segments without sharing): every token of the segment sees them
+CHOSEN, REJECTED = 1, 2  # branch ids of the answers that share a prompt
 
 
 @dataclass
@@ -55,6 +56,10 @@ class Segment:
             self.targets.append(target)
             self.owners.append(owner)
 
+    def spans(self) -> tuple[int, int, int]:
+        """Tokens of the trunk, of the chosen branch and of the rejected branch, which follow in that order."""
+        return self.branches.count(TRUNK), self.branches.count(CHOSEN), self.branches.count(REJECTED)
+
 
 def pair_segments(pairs: list[TokenizedPair], share_prompt: bool) -> list[Segment]:
     """One segment per pair (shared prompt) or two (prompt+chosen, prompt+rejected), in pair order."""
@@ -62,12 +67,12 @@ def pair_segments(pairs: list[TokenizedPair], share_prompt: bool) -> list[Segmen
     for i, pair in enumerate(pairs):
         chosen = Segment()
         chosen.add_prompt(pair.prompt_ids)
-        chosen.add_answer(len(pair.prompt_ids), pair.chosen_ids, TRUNK if not share_prompt else 1, i)
+        chosen.add_answer(len(pair.prompt_ids), pair.chosen_ids, CHOSEN if share_prompt else TRUNK, i)
         rejected = chosen if share_prompt else Segment()
         if not share_prompt:
             rejected.add_prompt(pair.prompt_ids)
         rejected.add_answer(
-            len(pair.prompt_ids), pair.rejected_ids, TRUNK if not share_prompt else 2, len(pairs) + i
+            len(pair.prompt_ids), pair.rejected_ids, REJECTED if share_prompt else TRUNK, len(pairs) + i
         )
         segments += [chosen] if share_prompt else [chosen, rejected]
     return segments
@@ -87,9 +92,13 @@ class PackedBatch:
     sources: torch.Tensor  # (N,) flat index into (R*T) of the hidden state that predicts each target
     targets: torch.Tensor  # (N,)
     owners: torch.Tensor  # (N,) sequence in [0, 2B): chosen ones first, as in a padded batch
+    # Per segment: (row, first index in the row, trunk, chosen and rejected branch lengths), for attention
+    # kernels that take segments one at a time instead of a mask.
+    spans: list[tuple[int, int, int, int, int]]
 
     def to(self, device: torch.device) -> PackedBatch:
-        return PackedBatch(*(t.to(device) for t in vars(self).values()))
+        tensors = {name: t.to(device) for name, t in vars(self).items() if isinstance(t, torch.Tensor)}
+        return PackedBatch(**tensors, spans=self.spans)
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """(R, 1, T, T) mask: bool (True = attend) for SDPA, or additive float (0 / dtype min) for eager.
@@ -122,7 +131,7 @@ def layout_pairs(
     position_ids = torch.zeros(shape, dtype=torch.long)
     segment_ids = torch.full(shape, -1, dtype=torch.long)
     branch_ids = torch.full(shape, TRUNK, dtype=torch.long)
-    sources, targets, owners = [], [], []
+    sources, targets, owners, spans = [], [], [], []
     for r, row in enumerate(rows):
         offset = 0
         for i in row:
@@ -134,6 +143,7 @@ def layout_pairs(
             sources += [r * width + offset + s for s in segment.sources]
             targets += segment.targets
             owners += segment.owners
+            spans.append((r, offset, *segment.spans()))
             offset = end
         # Padding counts positions up from 0 too, so position-id based packing sees it as one more segment.
         position_ids[r, offset:] = torch.arange(width - offset)
@@ -145,4 +155,5 @@ def layout_pairs(
         torch.tensor(sources, dtype=torch.long),
         torch.tensor(targets, dtype=torch.long),
         torch.tensor(owners, dtype=torch.long),
+        spans,
     )
