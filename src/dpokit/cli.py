@@ -51,7 +51,10 @@ def main() -> None:
 
 @app.command()
 def train(
-    config: Annotated[Path | None, typer.Argument(help="YAML config; omitted: the built-in demo.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Argument(help="YAML config, or builtin:demo. No arguments at all: the demo."),
+    ] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. beta=0.2")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the run's latest checkpoint.")
@@ -68,6 +71,11 @@ def train(
     if config is not None and "=" in str(config):
         overrides.insert(0, str(config))
         config = None
+    # No arguments at all: the built-in demo. `builtin:demo` names it explicitly, to add overrides.
+    if (config is None and not overrides) or str(config) == "builtin:demo":
+        from dpokit.data.prepare import resolve_path
+
+        config = Path(resolve_path("builtin:demo"))
     try:
         run_config = load_config(config, overrides)
         if print_config:

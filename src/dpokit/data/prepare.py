@@ -17,6 +17,7 @@ BUILTIN = {
     "builtin:sentiment": "sentiment_pairs.jsonl",
     "builtin:sentiment-heldout": "sentiment_pairs_heldout.jsonl",
     "builtin:sentiment-prompts": "sentiment_prompts_heldout.txt",
+    "builtin:demo": "demo.yaml",
 }
 
 
