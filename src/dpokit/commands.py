@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from functools import partial
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from dpokit.logprobs import padded_pair_logps
 from dpokit.losses import LOSSES, REFERENCE_FREE, LossParams
 from dpokit.models.loading import adapter_base, load_adapter, load_model, load_tokenizer, reference_context
 from dpokit.reference.cache import compute_logps
+from dpokit.train.output import save_final
 
 
 def eval_command(
@@ -72,11 +72,4 @@ def export_command(run_dir: Path, out: Path, merge: bool) -> Path:
     if base is not None and not merge:
         raise DpokitError(f"{final}: holds a LoRA adapter; pass --merge to fold it into the base model")
     model = load_adapter(str(final), load_model(base)).merge_and_unload() if base else load_model(str(final))
-    tokenizer = load_tokenizer(str(final))
-    partial_dir = out.with_name(f".partial-{out.name}")
-    shutil.rmtree(partial_dir, ignore_errors=True)
-    model.save_pretrained(str(partial_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(partial_dir))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial_dir, out)
-    return out
+    return save_final(model, load_tokenizer(str(final)), out)
