@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Each demo run gets its own directory, so running it again never collides with an earlier run.
 demo: setup
-	$(BIN)/dpokit train
+	$(BIN)/dpokit train builtin:demo output_dir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
 	$(BIN)/ruff check src tests scripts benchmarks
