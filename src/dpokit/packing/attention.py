@@ -42,17 +42,13 @@ def segment_sdpa(
         )
 
     for row, start, trunk, chosen, rejected in packed_spans:
+        r = slice(row, row + 1)  # keep the batch dim: CPU's flash kernel takes 4-D inputs only
         end = start + trunk + chosen
-        out[row, :, start:end] = attend(
-            query[row, :, start:end], key[row, :, start:end], value[row, :, start:end]
-        )
-        if rejected:
-            keep = [
-                slice(start, start + trunk),
-                slice(end, end + rejected),
-            ]  # the prompt, then the rejected answer
-            q, k, v = (torch.cat([x[row, :, s] for s in keep], dim=1) for x in (query, key, value))
-            out[row, :, end : end + rejected] = attend(q, k, v)[:, trunk:]
+        out[r, :, start:end] = attend(*(x[r, :, start:end] for x in (query, key, value)))
+        if rejected:  # the causal block [prompt, rejected answer], whose prompt rows are dropped
+            keep = [slice(start, start + trunk), slice(end, end + rejected)]
+            q, k, v = (torch.cat([x[r, :, s] for s in keep], dim=2) for x in (query, key, value))
+            out[r, :, end : end + rejected] = attend(q, k, v)[:, :, trunk:]
     return out.transpose(1, 2).contiguous(), None
 
 
