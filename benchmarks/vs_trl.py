@@ -109,7 +109,7 @@ def matmul_params(model: torch.nn.Module) -> int:
     return total + head.weight.numel() if head.weight is embedding.weight else total
 
 
-def run_dpokit(spec: Spec) -> dict:
+def run_dpokit(spec: Spec, checkpointing: bool) -> dict:
     """dpokit's library path in the order of dpokit.train.loop.train: tokenize, reference precompute (freed
     afterwards), micro-batched steps. The padded logps_fn of the loop is swapped for build_logps_fn's."""
     from transformers import get_linear_schedule_with_warmup
@@ -125,6 +125,9 @@ def run_dpokit(spec: Spec) -> dict:
     torch.manual_seed(spec.seed)
     tokenizer = load_tokenizer(spec.model_dir)
     policy = load_model(spec.model_dir)
+    if checkpointing:  # as the loop does for gradient_checkpointing: true
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.enable_input_require_grads()
     if spec.lora:
         policy = add_lora(
             policy, LORA["r"], LORA["lora_alpha"], LORA["lora_dropout"], LORA["target_modules"], False, False
@@ -244,7 +247,10 @@ def child(system: str, spec_path: str) -> None:
     spec = Spec(**json.loads(Path(spec_path).read_text()))
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    result = run_dpokit(spec) if system == "dpokit" else run_trl(spec, TRL_SETTINGS[system])
+    if system in TRL_SETTINGS:
+        result = run_trl(spec, TRL_SETTINGS[system])
+    else:
+        result = run_dpokit(spec, checkpointing=system == "dpokit_checkpointing")
     Path(spec.out).write_text(json.dumps(result))
 
 
@@ -284,14 +290,17 @@ def summarise(results: dict[str, dict], tokens: int, lora: bool) -> dict:
     for result in results.values():
         result["tokens_per_s"] = tokens / result["wall_s"]
     summary: dict = {}
+    for variant in set(results) - set(TRL_SETTINGS):
+        prefix = "" if variant == "dpokit" else f"{variant}_"
+        for system in set(results) & set(TRL_SETTINGS):
+            name = "trl_default" if system == "trl" else system
+            ratio = results[variant]["tokens_per_s"] / results[system]["tokens_per_s"]
+            summary[f"{prefix}throughput_ratio_vs_{name}"] = ratio
+            ratio = results[variant]["peak_rss_mb"] / results[system]["peak_rss_mb"]
+            summary[f"{prefix}peak_memory_ratio_vs_{name}"] = ratio
     ours = results.get("dpokit")
     if ours is None:
         return summary
-    for system, result in results.items():
-        if system != "dpokit":
-            name = "trl_default" if system == "trl" else system
-            summary[f"throughput_ratio_vs_{name}"] = ours["tokens_per_s"] / result["tokens_per_s"]
-            summary[f"peak_memory_ratio_vs_{name}"] = ours["peak_rss_mb"] / result["peak_rss_mb"]
     train_factor = 4 if lora else 6  # LoRA: forward + input gradients; full: + weight gradients
     n, head = ours["matmul_params"], ours["head_params"]
     useful = (train_factor + 2) * n * tokens  # + one forward for the reference pass
@@ -323,7 +332,9 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=1024, help="dpokit: tokens per output-layer chunk")
     parser.add_argument("--threads", type=int, help="torch threads in every child (default: torch's)")
     parser.add_argument(
-        "--systems", default=",".join(SYSTEMS), help=f"of {', '.join(TRL_SETTINGS)} and dpokit"
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"of dpokit, dpokit_checkpointing, {', '.join(TRL_SETTINGS)}",
     )
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs per system; each system's fastest is kept"
