@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from contextlib import nullcontext
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ def attention_mode(model: torch.nn.Module, row_length: int) -> str:
     return "position_ids" if config._attn_implementation in VARLEN_ATTENTION else "padded"
 
 
-def final_hidden_states(model: torch.nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
+def final_hidden_states(model: torch.nn.Module, **inputs: Any) -> torch.Tensor:
     """Hidden states after the final norm, (R, T, H), from a full forward of `model`.
 
     The forward goes through the outermost wrapper (DDP needs that to synchronise gradients) with logits for
