@@ -72,9 +72,10 @@ def test_lora_with_adapters_disabled_is_exactly_the_base(tiny_model_dir, standar
 
 
 def test_precomputed_reference_equals_live_and_cache_is_keyed(
-    tiny_model_dir, tiny_reference_dir, standard_file, tmp_path
+    tiny_model_dir, tiny_reference_dir, standard_file, tmp_path, monkeypatch
 ):
-    """Cached reference log-probs equal a live forward; a different model or max_length misses the cache."""
+    """Cached reference log-probs equal a live forward; a different model, max_length or torch build misses
+    the cache."""
     tokenizer = load_tokenizer(str(tiny_model_dir))
     pairs, _ = load_pairs(str(standard_file), tokenizer, 1024)
     logps_fn = partial(padded_pair_logps, pad_token_id=tokenizer.pad_token_id)
@@ -92,6 +93,9 @@ def test_precomputed_reference_equals_live_and_cache_is_keyed(
     short, _ = load_pairs(str(standard_file), tokenizer, 12)
     _, hit = cached_reference_logps(reference, short, logps_fn, tmp_path)
     assert not hit, "another max_length must not reuse the cache"
+    monkeypatch.setattr(torch, "__version__", "0.0.0-another-build")
+    _, hit = cached_reference_logps(reference, pairs, logps_fn, tmp_path)
+    assert not hit, "another torch build may round differently and must not reuse the cache"
 
 
 def test_eight_pairs_one_step_equals_one_pair_eight_accumulations(tiny_model_dir, standard_file, tmp_path):

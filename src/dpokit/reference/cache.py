@@ -1,7 +1,9 @@
 """Precompute reference log-probs for a whole dataset once and cache them on disk (SPEC §3.1).
 
 The cache key hashes the reference weights themselves and the exact token ids of every pair, so a change
-of model, tokenizer, dataset content, max_length or truncation can never reuse a stale file.
+of model, tokenizer, dataset content, max_length or truncation can never reuse a stale file. The dpokit and
+torch versions are part of the key too: a new kernel may round differently, and a reference that differs
+from the policy at step 0 by rounding alone shows as a spurious non-zero starting accuracy.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import dpokit
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logprobs import PairLogps
 
@@ -42,9 +45,12 @@ def pairs_fingerprint(pairs: list[TokenizedPair]) -> str:
 
 
 def cache_key(model: torch.nn.Module, pairs: list[TokenizedPair], method: str) -> str:
-    """Key of a reference cache: reference weights, token ids of every pair, and how log-probs were computed."""
+    """Key of a reference cache: reference weights, token ids of every pair, how log-probs were computed,
+    and the code that computed them."""
+    versions = f"dpokit {dpokit.__version__}, torch {torch.__version__}"
     return hashlib.blake2b(
-        f"{weights_fingerprint(model)}|{pairs_fingerprint(pairs)}|{method}".encode(), digest_size=16
+        f"{weights_fingerprint(model)}|{pairs_fingerprint(pairs)}|{method}|{versions}".encode(),
+        digest_size=16,
     ).hexdigest()
 
 
