@@ -41,7 +41,9 @@ def _check_field(value: Any, path: object, line: int, name: str) -> Text:
         )
     for number, message in enumerate(value, start=1):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DpokitError(f"{where(path, line, name)} message {number} must be an object with 'role' and 'content'")
+            raise DpokitError(
+                f"{where(path, line, name)} message {number} must be an object with 'role' and 'content'"
+            )
         if message["role"] not in ROLES:
             raise DpokitError(
                 f"{where(path, line, name)} message {number} has unknown role {message['role']!r} "

@@ -49,7 +49,9 @@ def _common_prefix_length(ids: list[int], other: list[int]) -> int:
     return length
 
 
-def tokenize_row(tokenizer: PreTrainedTokenizerBase, row: PreferenceRow) -> tuple[list[int], list[int], list[int]]:
+def tokenize_row(
+    tokenizer: PreTrainedTokenizerBase, row: PreferenceRow
+) -> tuple[list[int], list[int], list[int]]:
     """Return untruncated (prompt_ids, chosen_ids, rejected_ids) for one row.
 
     Standard rows get the EOS token appended to each answer when missing; conversational rows are rendered
@@ -68,7 +70,9 @@ def tokenize_row(tokenizer: PreTrainedTokenizerBase, row: PreferenceRow) -> tupl
         prompt_ids = _encode(tokenizer, prompt)
         full_chosen = _encode(tokenizer, prompt + chosen)
         full_rejected = _encode(tokenizer, prompt + rejected)
-    prompt_length = min(_common_prefix_length(prompt_ids, full_chosen), _common_prefix_length(prompt_ids, full_rejected))
+    prompt_length = min(
+        _common_prefix_length(prompt_ids, full_chosen), _common_prefix_length(prompt_ids, full_rejected)
+    )
     return prompt_ids[:prompt_length], full_chosen[prompt_length:], full_rejected[prompt_length:]
 
 
