@@ -15,22 +15,23 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_tokenizer()
 
 
+def save_tiny_model(tmp_path_factory, tokenizer: PreTrainedTokenizerFast, name: str, seed: int) -> Path:
+    path = tmp_path_factory.mktemp(name)
+    build_model(len(tokenizer), seed=seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A saved tiny random Llama with its tokenizer (the policy's starting point)."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    build_model(len(tiny_tokenizer), seed=0).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory, tiny_tokenizer, "tiny-model", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_reference_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A different tiny random Llama (another seed), for tests that need policy != reference."""
-    path = tmp_path_factory.mktemp("tiny-reference")
-    build_model(len(tiny_tokenizer), seed=1).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory, tiny_tokenizer, "tiny-reference", seed=1)
 
 
 @pytest.fixture

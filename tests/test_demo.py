@@ -7,7 +7,6 @@ reference precompute included), so it is marked slow; CI runs it with `make test
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -33,13 +32,11 @@ def test_demo_config_uses_every_shipped_pair_and_stays_in_the_lora_range() -> No
 @pytest.mark.slow
 def test_demo_moves_held_out_preferences_and_the_judge(tmp_path: Path) -> None:
     run_dir = tmp_path / "demo"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "dpokit.cli", "train", "builtin:demo", f"output_dir={run_dir}"],
         capture_output=True,
         text=True,
-        env=env,
     )
     seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,21 +10,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from dpokit.logprobs import padded_pair_logps
 from dpokit.packing import forward
 from dpokit.packing.forward import PACKING_FAMILIES, attention_mode, packed_pair_logps
+from tiny_models import TINY_SIZES
 
-TINY = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=512,
-    tie_word_embeddings=False,
-    pad_token_id=PAD,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+# head_dim spelled out: not every family derives it from hidden_size / num_attention_heads.
+TINY = dict(TINY_SIZES, vocab_size=VOCAB, head_dim=8, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
 
 
 def tiny_model(family: str, **overrides) -> torch.nn.Module:
