@@ -12,13 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dpokit.errors import DpokitError
 from dpokit.losses import LOSSES, REFERENCE_FREE
-
-# LoRA trains a low-rank update scaled by alpha/r, so it needs larger steps than full fine-tuning to move as far;
-# the alignment-handbook's QLoRA DPO recipes use 5e-6, and small models like SmolLM2 tolerate up to ~1e-4.
-LORA_LR_RANGE = (5e-6, 1e-4)
-FULL_LR_RANGE = (5e-7, 2e-6)
-BETA_RANGE = (0.01, 0.1)
-SIMPO_BETA_RANGE = (1.0, 10.0)  # SimPO's beta scales per-token log-probs, so its useful range is far higher
+from dpokit.ranges import FULL_LR_RANGE, LORA_LR_RANGE, out_of_range
 
 
 class RunConfig(BaseModel):
@@ -256,15 +250,13 @@ class RunConfig(BaseModel):
 def range_warnings(config: RunConfig) -> list[str]:
     """Why each value outside SPEC §2's recommended ranges is risky; empty when everything is in range.
 
-    The same checks the doctor and the watchdog run (``dpokit.diagnostics.hyperparameters``), so the
-    ranges and their reasons are written once.
+    The check of ``dpokit.ranges``, which the doctor and the watchdog report as findings; values in a
+    tolerated band (beta up to 0.2) are left to them as notes.
     """
-    from dpokit.diagnostics.hyperparameters import hyperparameter_findings  # it imports this module's ranges
-
     return [
-        f"{finding.title} ({finding.evidence.split('; ', 1)[1].rstrip('.')}): {finding.cause} {finding.fix}"
-        for finding in hyperparameter_findings(config.resolved())
-        if finding.severity != "info"
+        f"{found.title} ({found.recommended}): {found.range.why} {found.fix}"
+        for found in out_of_range(config.resolved())
+        if not found.tolerated
     ]
 
 
