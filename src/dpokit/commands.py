@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from functools import partial
 from pathlib import Path
 
+from dpokit.atomic import write_atomic
 from dpokit.data.prepare import load_pairs
 from dpokit.errors import DpokitError
 from dpokit.evaluate import evaluate_pairs
@@ -57,9 +57,7 @@ def eval_command(
     metrics["num_pairs"] = len(pairs)
     metrics["dropped_long_prompts"] = report.dropped_long_prompts
     if json_out is not None:
-        partial_path = json_out.with_name(f".{json_out.name}.partial")
-        partial_path.write_text(json.dumps(metrics, indent=2))
-        os.replace(partial_path, json_out)
+        write_atomic(json_out, json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 
-import pytest
-
-from dpokit.diagnostics.report import CHARTS, svg_chart, write_report, write_text_atomic
+from dpokit.diagnostics.report import CHARTS, svg_chart, write_report
 
 # The synthetic runs log every key, so every series of every chart has data.
 SERIES = sum(len(keys) for _, keys in CHARTS)
@@ -58,20 +55,6 @@ def test_non_finite_values_break_the_line():
 
 def test_chart_without_data():
     assert "no data" in svg_chart("kl", [])
-
-
-def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
-    path = tmp_path / "report.html"
-    write_text_atomic(path, "old")
-
-    def fail(*args):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError):
-        write_text_atomic(path, "new")
-    assert path.read_text() == "old"
-    assert os.listdir(tmp_path) == ["report.html"]  # no temporary file left behind
 
 
 def test_reference_samples_only(make_run, healthy_records, healthy_samples, tmp_path):

@@ -13,13 +13,12 @@ model as the step-0 reference (``audit_model``).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from dpokit.atomic import write_atomic
 from dpokit.data.prepare import resolve_path
 from dpokit.data.reading import read_records
 from dpokit.data.rows import PreferenceRow, validate_records
@@ -156,13 +155,6 @@ def summary_table(stats: Stats) -> Table:
     return table
 
 
-def write_json(path: Path, report: dict[str, Any]) -> None:
-    """Write atomically: a crash never leaves a half-written report under the final name."""
-    partial_path = path.with_name(f".{path.name}.partial")
-    partial_path.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(partial_path, path)
-
-
 def audit_command(
     data: str, model: str | None, max_length: int, json_out: Path | None, console: Console | None = None
 ) -> list[Finding]:
@@ -172,5 +164,6 @@ def audit_command(
     console.print(summary_table(stats))
     print_findings(findings, console)
     if json_out is not None:
-        write_json(json_out, {"stats": stats, "findings": [finding.to_dict() for finding in findings]})
+        report = {"stats": stats, "findings": [finding.to_dict() for finding in findings]}
+        write_atomic(json_out, json.dumps(report, indent=2, ensure_ascii=False))
     return findings

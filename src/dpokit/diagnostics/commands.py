@@ -11,9 +11,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from dpokit.atomic import write_atomic
 from dpokit.diagnostics.doctor import diagnose
 from dpokit.diagnostics.findings import print_findings
-from dpokit.diagnostics.report import write_report, write_text_atomic
+from dpokit.diagnostics.report import write_report
 
 
 def doctor_command(run_dir: Path, json_out: Path | None = None, console: Console | None = None) -> int:
@@ -29,7 +30,8 @@ def doctor_command(run_dir: Path, json_out: Path | None = None, console: Console
     print_findings(findings, console)
     if json_out is not None:
         payload = {"run_dir": str(run_dir), "findings": [finding.to_dict() for finding in findings]}
-        write_text_atomic(Path(json_out), json.dumps(payload, indent=2, allow_nan=False) + "\n")
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(json_out), json.dumps(payload, indent=2, allow_nan=False) + "\n")
         console.print(f"Findings written to {json_out}")
     return int(any(finding.severity != "info" for finding in findings))
 

@@ -8,11 +8,11 @@ The file works offline and alone: plots are inline SVG drawn here, styles are in
 from __future__ import annotations
 
 import math
-import os
 from html import escape
 from pathlib import Path
 from typing import Any
 
+from dpokit.atomic import write_atomic
 from dpokit.diagnostics.doctor import load_run
 from dpokit.diagnostics.findings import Finding, finite, sort_findings
 from dpokit.diagnostics.rules import RunData, run_rules
@@ -259,21 +259,11 @@ def render_html(run: RunData, findings: list[Finding], title: str) -> str:
     )
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def write_report(run_dir: Path, out_path: Path) -> Path:
     """Diagnose the run in ``run_dir`` and write its HTML report to ``out_path``; returns ``out_path``."""
     run = load_run(run_dir)
-    write_text_atomic(
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(
         Path(out_path), render_html(run, sort_findings(run_rules(run)), Path(run_dir).resolve().name)
     )
     return Path(out_path)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dpokit.atomic import publish_dir
 from dpokit.errors import DpokitError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,7 +57,7 @@ def smollm2_dir(cache_dir: Path | None = None) -> Path:
     try:
         _convert(gguf_path(), tmp)
         try:
-            os.replace(tmp, target)
+            publish_dir(tmp, target)
         except OSError:
             # Another process converted concurrently and renamed first; its copy is identical.
             if not target.is_dir():

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import dpokit
+from dpokit.atomic import publish_file
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logprobs import PairLogps
 
@@ -91,7 +92,7 @@ def cached_reference_logps(
         ), True
     logps = compute_logps(model, pairs, logps_fn, batch_size, desc)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".tmp{os.getpid()}")
+    partial = path.with_name(f".partial-{path.name}.{os.getpid()}")
     save_file(
         {
             "chosen": logps.chosen,
@@ -101,5 +102,5 @@ def cached_reference_logps(
         },
         str(partial),
     )
-    os.replace(partial, path)  # atomic: a crash never leaves a truncated cache under the final name
+    publish_file(partial, path)  # a crash never leaves a truncated cache under the final name
     return logps, False
