@@ -1,13 +1,13 @@
 """Atomic, pickle-free checkpoints of trainable weights, optimizer state, RNG state and progress.
 
-A checkpoint is written to a temporary directory and renamed into place, then the `latest` pointer is
-replaced atomically: a kill at any moment leaves the previous checkpoint intact and pointed to.
+A checkpoint is written to a `.partial-*` directory, fsynced and renamed into place, then the `latest`
+pointer is replaced atomically: at every instant `latest` names a complete checkpoint, the previous one
+or the new one (see dpokit.atomic for why each fsync is there).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpokit.atomic import publish_dir, write_atomic
 from dpokit.errors import DpokitError
 
 
@@ -43,7 +44,21 @@ def _load_optimizer(
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
-    return {"torch": torch.get_rng_state()}
+    """The CPU generator's state, plus each CUDA device's as ``cuda.<index>`` when CUDA is present."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{index}": state for index, state in enumerate(torch.cuda.get_rng_state_all())}
+    return tensors
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    """Restore the saved generator states; a checkpoint moved to a machine with fewer, more or no GPUs
+    restores the devices both machines have and leaves the others as they are."""
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            if f"cuda.{index}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"cuda.{index}"], index)
 
 
 def save_checkpoint(
@@ -54,28 +69,43 @@ def save_checkpoint(
     progress: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write checkpoints/step-N atomically and point `latest` at it; prune all but the `keep` newest."""
+    """Write checkpoints/step-N, point `latest` at it, then prune all but the `keep` newest; returns step-N.
+
+    Order matters: the new checkpoint is complete and durable (fsynced) under its final name before
+    `latest` moves, and `latest` moves before anything is deleted, so a kill at any line leaves `latest`
+    naming a complete checkpoint. An existing step-N is never rewritten: it was renamed into place only
+    once complete, and the same step of the same run holds the same state (the loop saves the last step
+    twice when save_every divides it, and a resumed run reaches again steps it had saved).
+    """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    partial = root / f".partial-step-{step:06d}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    save_file(trainable_state(model), str(partial / "trainable.safetensors"))
-    tensors, meta = _optimizer_tensors(optimizer)
-    save_file(tensors, str(partial / "optimizer.safetensors"))
-    save_file(_rng_tensors(), str(partial / "rng.safetensors"))
-    progress = {**progress, "step": step, "optimizer": meta}
-    (partial / "progress.json").write_text(json.dumps(progress))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
-    pointer = root / ".latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, root / "latest")
-    older = sorted(p for p in root.glob("step-*") if p != final)
+    if not final.exists():
+        partial = root / f".partial-{final.name}"
+        shutil.rmtree(partial, ignore_errors=True)  # left by a kill during an earlier save of this step
+        partial.mkdir()
+        save_file(trainable_state(model), str(partial / "trainable.safetensors"))
+        tensors, meta = _optimizer_tensors(optimizer)
+        save_file(tensors, str(partial / "optimizer.safetensors"))
+        save_file(_rng_tensors(), str(partial / "rng.safetensors"))
+        (partial / "progress.json").write_text(json.dumps({**progress, "step": step, "optimizer": meta}))
+        publish_dir(partial, final)
+    write_atomic(root / "latest", final.name)
+    _prune(root, final, keep)
+    return final
+
+
+def _prune(root: Path, current: Path, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints (`current` always stays) and any `.partial-*` a kill left."""
+    older = sorted(p for p in root.glob("step-*") if p != current)
+    # ignore_errors: `latest` already names a complete checkpoint, so a failed prune must not end the run.
     for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+    for stale in root.glob(".partial-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)  # the `latest` pointer's temporary
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -100,5 +130,5 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             params[name].copy_(value)
     progress = json.loads((path / "progress.json").read_text())
     _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), progress["optimizer"])
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    _restore_rng(load_file(str(path / "rng.safetensors")))
     return progress
