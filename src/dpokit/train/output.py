@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from dpokit.atomic import replace_dir
+
 
 def save_final(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
-    """Write the trained weights and tokenizer to `out` atomically (temp directory, then rename)."""
+    """Write the trained weights and tokenizer to `out` atomically: into `.partial-<name>`, fsynced, renamed.
+
+    An existing `out` (a resumed run finishing again, or a repeated export) is set aside and removed
+    only once the new copy is in place (see `replace_dir`); for a run's `final`, the last checkpoint
+    holds the same weights too, so nothing is lost whichever instant a kill hits.
+    """
     partial = out.with_name(f".partial-{out.name}")
-    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(partial, ignore_errors=True)  # left by a kill during an earlier save
     model.save_pretrained(str(partial), safe_serialization=True)
     tokenizer.save_pretrained(str(partial))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
+    replace_dir(partial, out)
     return out
