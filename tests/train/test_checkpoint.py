@@ -2,6 +2,8 @@
 
 Crashes are injected at each write, fsync and rename of the save sequence in turn, then the run is
 "restarted": whatever `latest` names must load, bit for bit, the weights and optimizer state of its step.
+End to end, a training run killed at an os.replace of a save resumes to the uninterrupted run's losses
+and final weights.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from torch.testing import assert_close
 
 from dpokit.train import checkpoint as checkpoint_module
 from dpokit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dpokit.train.loop import train
+from tiny_models import STANDARD_ROWS, write_jsonl
+from train.test_invariants import make_config
 
 KEEP = 1  # the strictest setting: the previous checkpoint is deleted as soon as the new one is latest
 
@@ -227,3 +232,77 @@ def test_cuda_rng_state_is_restored_on_every_device(tmp_path):
     for d in devices:
         assert torch.equal(torch.rand(5, device=f"cuda:{d}"), expected[d])
     assert json.loads((path / "progress.json").read_text())["step"] == 1
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory) -> tuple[Path, list[str], Path]:
+    """A 4-step run (checkpoints at steps 2 and 4, then step 4 again at the end): its data file, the
+    target of each os.replace it made, in order, and its run directory."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    data = write_jsonl(tmp / "pairs.jsonl", STANDARD_ROWS)
+    targets: list[str] = []
+    real_replace = os.replace
+
+    def recording(source, target):
+        targets.append(Path(target).name)
+        real_replace(source, target)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "replace", recording)
+        run_dir = train(make_config(tmp, tiny_model_dir, data, num_epochs=1))
+    return data, targets, run_dir
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+
+
+# (target of the os.replace to kill, which of the calls with that target): the reference cache, the first
+# checkpoint's rename and its `latest`, the second save of the last step (only `latest`), the final model.
+CRASH_POINTS = {
+    "reference-cache": (".safetensors", 0),
+    "checkpoint-rename": ("step-000002", 0),
+    "checkpoint-latest": ("latest", 0),
+    "last-step-saved-again": ("latest", -1),
+    "final-model": ("final", 0),
+}
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_a_run_killed_at_a_save_resumes_to_the_uninterrupted_result(
+    uninterrupted, tiny_model_dir, tmp_path, monkeypatch, point
+):
+    """Kill a run at one os.replace of its save sequence, then `train(config, resume=True)`: every logged
+    train loss and the final weights equal the uninterrupted run's (atol 1e-6)."""
+    data, targets, expected_dir = uninterrupted
+    suffix, which = CRASH_POINTS[point]
+    hits = [i for i, target in enumerate(targets) if target.endswith(suffix)]
+    kill_at = hits[which] + 1
+    calls = {"n": 0}
+    real_replace = os.replace
+
+    def dying(source, target):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise Killed
+        real_replace(source, target)
+
+    config = make_config(tmp_path, tiny_model_dir, data, num_epochs=1)
+    monkeypatch.setattr(os, "replace", dying)
+    with pytest.raises(Killed):
+        train(config)
+    monkeypatch.setattr(os, "replace", real_replace)
+    train(config, resume=True)
+
+    run_dir = Path(config.output_dir)
+    expected = dict(train_losses(expected_dir))
+    got = train_losses(run_dir)
+    for step, loss in got:
+        assert loss == pytest.approx(expected[step], abs=1e-6), f"step {step}"
+    weights = load_file(str(run_dir / "final" / "model.safetensors"))
+    assert_close(weights, load_file(str(expected_dir / "final" / "model.safetensors")), atol=1e-6, rtol=0)
+    assert not [p.name for p in run_dir.glob("**/.partial-*")], "the finished run leaves no temporaries"
+    # Owned by the training loop (metrics.jsonl), not by checkpoint.py: after a resume, exactly one
+    # record per step, even when the kill came before the first checkpoint.
+    assert [step for step, _ in got] == sorted(expected), "one metrics record per train step"
