@@ -115,11 +115,10 @@ def run_dpokit(spec: Spec, checkpointing: bool) -> dict:
     from transformers import get_linear_schedule_with_warmup
 
     from dpokit.data.prepare import load_pairs
-    from dpokit.evaluate import select
+    from dpokit.logprobs import compute_logps, select
     from dpokit.losses import LOSSES, LossParams
     from dpokit.models.loading import add_lora, load_model, load_tokenizer, reference_context
     from dpokit.packing import build_logps_fn
-    from dpokit.reference.cache import compute_logps
     from dpokit.train.loop import step_indices
 
     torch.manual_seed(spec.seed)

@@ -10,10 +10,9 @@ from dpokit.atomic import write_atomic
 from dpokit.data.prepare import load_pairs
 from dpokit.errors import DpokitError
 from dpokit.evaluate import evaluate_pairs
-from dpokit.logprobs import padded_pair_logps
+from dpokit.logprobs import compute_logps, padded_pair_logps
 from dpokit.losses import LOSSES, REFERENCE_FREE, LossParams
 from dpokit.models.loading import adapter_base, load_adapter, load_model, load_tokenizer, reference_context
-from dpokit.reference.cache import compute_logps
 from dpokit.train.output import save_final
 
 

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from tqdm import tqdm
 
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.logprobs import PairLogps
+from dpokit.logprobs import LogpsFn, PairLogps, select
 from dpokit.losses import LOSSES, LossParams
-from dpokit.train.metrics import PairStats
-
-
-def select(logps: PairLogps, index: torch.Tensor | list[int]) -> PairLogps:
-    """The pairs at `index` of a dataset-wide PairLogps."""
-    index = torch.as_tensor(index)
-    return PairLogps(
-        logps.chosen[index], logps.rejected[index], logps.chosen_lengths[index], logps.rejected_lengths[index]
-    )
+from dpokit.pair_stats import PairStats
 
 
 def evaluate_pairs(
@@ -27,7 +17,7 @@ def evaluate_pairs(
     reference: PairLogps | None,
     loss_type: str,
     params: LossParams,
-    logps_fn: Callable[[torch.nn.Module, list[TokenizedPair]], PairLogps],
+    logps_fn: LogpsFn,
     batch_size: int = 8,
 ) -> dict[str, float]:
     """Mean preference metrics over all pairs (TRL names), with reference log-probs given per pair in order."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from dpokit.data.batching import pad_pairs
 from dpokit.data.tokenize import TokenizedPair
@@ -18,6 +20,18 @@ class PairLogps:
     rejected: torch.Tensor
     chosen_lengths: torch.Tensor
     rejected_lengths: torch.Tensor
+
+
+# How a model's log-probs of a batch of pairs are computed: padded_pair_logps, or packing's faster equal.
+LogpsFn = Callable[[torch.nn.Module, list[TokenizedPair]], PairLogps]
+
+
+def select(logps: PairLogps, index: torch.Tensor | list[int]) -> PairLogps:
+    """The pairs at `index` of a dataset-wide PairLogps."""
+    index = torch.as_tensor(index)
+    return PairLogps(
+        logps.chosen[index], logps.rejected[index], logps.chosen_lengths[index], logps.rejected_lengths[index]
+    )
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -56,4 +70,23 @@ def padded_pair_logps(model: torch.nn.Module, pairs: list[TokenizedPair], pad_to
     )
     chosen, rejected = logps.chunk(2)
     chosen_lengths, rejected_lengths = lengths.chunk(2)
+    return PairLogps(chosen, rejected, chosen_lengths, rejected_lengths)
+
+
+def compute_logps(
+    model: torch.nn.Module, pairs: list[TokenizedPair], logps_fn: LogpsFn, batch_size: int, desc: str
+) -> PairLogps:
+    """Log-probs of every pair in batches of similar length (less padding), returned in dataset order."""
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].num_tokens)
+    chosen = torch.zeros(len(pairs))
+    rejected = torch.zeros(len(pairs))
+    chosen_lengths = torch.zeros(len(pairs))
+    rejected_lengths = torch.zeros(len(pairs))
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+            index = torch.tensor(order[start : start + batch_size])
+            out = logps_fn(model, [pairs[i] for i in index])
+            chosen[index], rejected[index] = out.chosen.float().cpu(), out.rejected.float().cpu()
+            chosen_lengths[index] = out.chosen_lengths.float().cpu()
+            rejected_lengths[index] = out.rejected_lengths.float().cpu()
     return PairLogps(chosen, rejected, chosen_lengths, rejected_lengths)

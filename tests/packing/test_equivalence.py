@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.logprobs import PairLogps, padded_pair_logps
+from dpokit.logprobs import PairLogps, compute_logps, padded_pair_logps
 from dpokit.losses import LOSSES, LossParams
 from dpokit.packing import build_logps_fn, forward, packed_pair_logps
-from dpokit.reference.cache import compute_logps
 from tiny_models import build_model
 
 VOCAB, PAD = 320, 0

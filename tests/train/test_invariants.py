@@ -16,9 +16,9 @@ from torch.testing import assert_close
 from dpokit.config import RunConfig
 from dpokit.data.prepare import load_pairs
 from dpokit.errors import DpokitError
-from dpokit.logprobs import padded_pair_logps
+from dpokit.logprobs import compute_logps, padded_pair_logps
 from dpokit.models.loading import add_lora, load_model, load_tokenizer, reference_context
-from dpokit.reference.cache import cached_reference_logps, compute_logps
+from dpokit.reference.cache import cached_reference_logps
 from dpokit.train import checkpoint as checkpoint_module
 from dpokit.train import loop as loop_module
 from dpokit.train.hooks import RunHooks

@@ -28,9 +28,8 @@ from dpokit.diagnostics.audit_text import (
     report,
 )
 from dpokit.diagnostics.findings import Finding, Symptom
-from dpokit.logprobs import padded_pair_logps
+from dpokit.logprobs import compute_logps, padded_pair_logps
 from dpokit.models.loading import load_model, load_tokenizer
-from dpokit.reference.cache import compute_logps
 
 # Without a tokenizer, 4 characters per token: the usual average of BPE tokenizers on English text.
 CHARS_PER_TOKEN = 4

@@ -15,11 +15,10 @@ from typing import Any
 import torch
 
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.logprobs import PairLogps, padded_pair_logps
+from dpokit.logprobs import LogpsFn, PairLogps, padded_pair_logps
 from dpokit.packing.attention import segment_attention
 from dpokit.packing.chunked import DEFAULT_CHUNK_SIZE, chunked_token_logps, dense_token_logps
 from dpokit.packing.layout import layout_pairs
-from dpokit.reference.cache import LogpsFn
 
 # Families checked by tests/packing/test_families.py: attention takes a custom 4-D mask and position ids as
 # given, and the logits are the output layer applied to the decoder's output. Not so, and so left out: ALiBi

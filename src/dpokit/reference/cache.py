@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 import dpokit
 from dpokit.atomic import publish_file
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.logprobs import PairLogps
-
-LogpsFn = Callable[[torch.nn.Module, list[TokenizedPair]], PairLogps]
+from dpokit.logprobs import LogpsFn, PairLogps, compute_logps
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -53,25 +49,6 @@ def cache_key(model: torch.nn.Module, pairs: list[TokenizedPair], method: str) -
         f"{weights_fingerprint(model)}|{pairs_fingerprint(pairs)}|{method}|{versions}".encode(),
         digest_size=16,
     ).hexdigest()
-
-
-def compute_logps(
-    model: torch.nn.Module, pairs: list[TokenizedPair], logps_fn: LogpsFn, batch_size: int, desc: str
-) -> PairLogps:
-    """Log-probs of every pair in batches of similar length (less padding), returned in dataset order."""
-    order = sorted(range(len(pairs)), key=lambda i: pairs[i].num_tokens)
-    chosen = torch.zeros(len(pairs))
-    rejected = torch.zeros(len(pairs))
-    chosen_lengths = torch.zeros(len(pairs))
-    rejected_lengths = torch.zeros(len(pairs))
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-            index = torch.tensor(order[start : start + batch_size])
-            out = logps_fn(model, [pairs[i] for i in index])
-            chosen[index], rejected[index] = out.chosen.float().cpu(), out.rejected.float().cpu()
-            chosen_lengths[index] = out.chosen_lengths.float().cpu()
-            rejected_lengths[index] = out.rejected_lengths.float().cpu()
-    return PairLogps(chosen, rejected, chosen_lengths, rejected_lengths)
 
 
 def cached_reference_logps(

@@ -28,15 +28,16 @@ from dpokit.config import RunConfig
 from dpokit.data.prepare import load_pairs, split_pairs, subset
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.errors import DpokitError
-from dpokit.evaluate import evaluate_pairs, select
-from dpokit.logprobs import PairLogps
+from dpokit.evaluate import evaluate_pairs
+from dpokit.logprobs import PairLogps, compute_logps, select
 from dpokit.losses import LOSSES, LossParams, chosen_nll
 from dpokit.models.loading import add_lora, load_model, load_tokenizer, reference_context
 from dpokit.packing import build_logps_fn
-from dpokit.reference.cache import cached_reference_logps, compute_logps
+from dpokit.pair_stats import PairStats
+from dpokit.reference.cache import cached_reference_logps
 from dpokit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dpokit.train.hooks import RunHooks
-from dpokit.train.metrics import MetricsLog, PairStats, is_finite
+from dpokit.train.metrics import MetricsLog, is_finite
 from dpokit.train.output import save_final
 
 
