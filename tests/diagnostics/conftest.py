@@ -56,19 +56,19 @@ def _preference_metrics(rng: random.Random, step: int, final_margin: float, pair
     }
 
 
-def _records(final_margin: float, seed: int = 0) -> list[dict[str, Any]]:
-    """A 200-step run, logged every step: linear warmup to 1e-6 over 20 steps, then cosine decay;
+def _records(final_margin: float, seed: int = 0, steps: int = STEPS) -> list[dict[str, Any]]:
+    """A run of ``steps`` steps, logged every step: linear warmup to 1e-6 over 20 steps, then cosine decay;
     loss falls smoothly from ln 2, margins grow to ~0.9, accuracy to ~0.7, |kl| stays ~0.015 nat/token.
     Batches of 128 pairs; an eval record (512 pairs) follows every 50th train record. ``final_margin=0`` gives a run that learns nothing.
     """
     rng = random.Random(seed)
     records = []
-    for step in range(1, STEPS + 1):
+    for step in range(1, steps + 1):
         if step <= WARMUP:
             lr = PEAK_LR * step / WARMUP
         else:
-            lr = PEAK_LR * 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / (STEPS - WARMUP)))
-        train = {"split": "train", "step": step, "epoch": step / STEPS}
+            lr = PEAK_LR * 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / (steps - WARMUP)))
+        train = {"split": "train", "step": step, "epoch": step / steps}
         train |= _preference_metrics(rng, step, final_margin, pairs=128)
         records.append(train | {"lr": lr, "grad_norm": 4.0 + rng.random()})
         if step % EVAL_EVERY == 0:
@@ -128,6 +128,12 @@ def healthy_config() -> dict[str, Any]:
 @pytest.fixture
 def healthy_records() -> list[dict[str, Any]]:
     return _records(final_margin=0.9)
+
+
+@pytest.fixture
+def long_records() -> list[dict[str, Any]]:
+    """The healthy run stretched to 2000 steps: 2000 train and 40 eval records."""
+    return _records(final_margin=0.9, steps=2000)
 
 
 @pytest.fixture

@@ -7,6 +7,9 @@ from typing import Any
 
 import pytest
 
+from dpokit.diagnostics.doctor import diagnose
+from dpokit.diagnostics.findings import sort_findings
+from dpokit.diagnostics.rules import FLAT_WINDOW, WINDOW, run_rules
 from dpokit.diagnostics.watchdog import Watchdog, WatchdogStop
 from dpokit.errors import DpokitError
 
@@ -91,3 +94,74 @@ def test_warnings_do_not_stop(flat_records, healthy_config):
     assert _stream(Watchdog(healthy_config, stop_on_critical=True), flat_records) == [
         ("train", 40, "flat_loss")
     ]
+
+
+class _Tracked(dict):
+    """A metric record that notes in ``reads`` each time it is read."""
+
+    def __init__(self, record: dict[str, Any], reads: set[int]) -> None:
+        super().__init__(record)
+        self.reads = reads
+
+    def __getitem__(self, key: str) -> Any:
+        self.reads.add(id(self))
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.reads.add(id(self))
+        return super().get(key, default)
+
+    def items(self):
+        self.reads.add(id(self))
+        return super().items()
+
+
+def test_records_read_per_update_do_not_grow_with_the_run(long_records, healthy_config):
+    """Over 2000 steps (2040 records), an update reads at most 26 records: the flat-loss window of the last
+    20 train records, the first 5 (the start that divergence compares against) and the new one. Re-running
+    the rules over the whole history would read all 2040 by the end."""
+    reads: set[int] = set()
+    watchdog = Watchdog(healthy_config)
+    per_update = []
+    for record in long_records:
+        reads.clear()
+        watchdog.update(_Tracked(record, reads))
+        per_update.append(len(reads))
+    assert len(per_update) == 2040
+    assert max(per_update) == FLAT_WINDOW + WINDOW + 1 == 26
+    assert per_update[:3] == [1, 2, 3]
+    assert max(per_update[:100]) == max(per_update[-100:]) == 26
+
+
+def test_watchdog_reports_what_the_doctor_finds_as_the_run_grows(
+    make_run, healthy_records, healthy_config, healthy_samples
+):
+    """The doctor reads the whole history from the run directory after every record; the watchdog sees each
+    record once. They name the same findings, with the same steps, at the same records; and at the end the
+    watchdog's view of the run gives exactly the doctor's findings."""
+    config = healthy_config | {"num_epochs": 5}
+    for record in healthy_records:
+        record["rewards/accuracies"] = 0.62 if record["split"] == "eval" else 1.0
+    records = _nan_from_step_150(healthy_records)
+    for sample in healthy_samples:
+        if sample["source"] == "policy":
+            sample["repetition"] = 0.9
+    watchdog = Watchdog(config)
+    streamed = [(r["split"], r["step"], f.code, f.step) for r in records for f in watchdog.update(r)]
+    streamed += [("samples", 200, f.code, f.step) for f in watchdog.update_samples(healthy_samples)]
+
+    doctor: list[tuple[str, int, str, int | None]] = []
+    prefixes = [(records[:end], None, records[end - 1]) for end in range(1, len(records) + 1)]
+    for prefix, samples, last in prefixes + [(records, healthy_samples, {"split": "samples", "step": 200})]:
+        for finding in diagnose(make_run(prefix, config=config, samples=samples)):
+            if finding.code not in {code for _, _, code, _ in doctor}:
+                doctor.append((last["split"], last["step"], finding.code, finding.step))
+
+    assert streamed == [
+        ("train", 1, "num_epochs_out_of_range", None),
+        ("eval", 50, "reward_hacking", 50),
+        ("train", 150, "non_finite_metrics", 150),
+        ("samples", 200, "gibberish", 200),
+    ]
+    assert doctor == streamed
+    assert sort_findings(run_rules(watchdog.run)) == diagnose(make_run(records, config, healthy_samples))

@@ -2,7 +2,9 @@
 
 Each rule maps a ``RunData`` to a list of ``Finding``; ``RULES`` names them and ``run_rules``
 applies them all. The doctor runs them once over a finished run, the watchdog after every
-logged step, so a rule must stay silent on any prefix of a healthy run. Thresholds are module
+logged step, so a rule must stay silent on any prefix of a healthy run, and must read a bounded
+number of records (its windows, and ``RunData``'s running summaries for what lies before them)
+so that a long run's watchdog costs the same per step as a short one's. Thresholds are module
 constants, each with the reason for its value; causes and fixes follow SPEC §5.
 
 Metric units: ``logps/*`` and ``kl`` are summed over answer tokens (nats per answer), so rules
@@ -13,6 +15,8 @@ beta-scaled log-ratios.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,16 +69,95 @@ GIBBERISH_SHARE_GAP = 0.25
 
 @dataclass
 class RunData:
-    """What the rules see: the config, train and eval metric records in step order, and samples."""
+    """What the rules see: the config, train and eval metric records in step order, and samples.
+
+    ``add`` and ``add_samples`` also keep running summaries of what lies outside the rules' windows,
+    each updated in constant time per record, so the rules need not scan the whole history.
+    """
 
     config: Mapping[str, Any]
-    train: list[dict[str, Any]] = field(default_factory=list)
-    eval: list[dict[str, Any]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    train: list[dict[str, Any]] = field(default_factory=list, init=False)
+    eval: list[dict[str, Any]] = field(default_factory=list, init=False)
+    # The earliest record holding a non-finite float (train before eval at one step), its split and
+    # keys; and how many records hold one.
+    first_non_finite: tuple[dict[str, Any], str, list[str]] | None = field(default=None, init=False)
+    non_finite_records: int = field(default=0, init=False)
+    # The first finite value of each train metric.
+    first_train: dict[str, Any] = field(default_factory=dict, init=False)
+    # Whether any train record logs lr, and the index of the first whose lr is not above the one before.
+    logs_lr: bool = field(default=False, init=False)
+    lr_stopped_rising: int | None = field(default=None, init=False)
+    # Over the train records with a finite accuracy: their steps, the last WINDOW accuracies, the mean
+    # of the WINDOW ending at each (None before there are WINDOW), and the record where that mean first
+    # reached SATURATED_ACCURACY. Then the latest eval record with a finite accuracy.
+    accuracy_steps: list[int] = field(default_factory=list, init=False)
+    last_accuracies: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW), init=False)
+    rolling_accuracy: list[float | None] = field(default_factory=list, init=False)
+    saturated: dict[str, Any] | None = field(default=None, init=False)
+    latest_eval_accuracy: dict[str, Any] | None = field(default=None, init=False)
+    # The step of the latest policy samples and those samples by prompt; the latest reference sample
+    # by prompt (the later one among samples of one step, as a step-ordered read of samples.jsonl keeps).
+    policy_step: int | None = field(default=None, init=False)
+    policy_samples: dict[str, dict[str, Any]] = field(default_factory=dict, init=False)
+    reference_samples: dict[str, dict[str, Any]] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        samples, self.samples = self.samples, []
+        self.add_samples(samples)
 
     def add(self, record: dict[str, Any]) -> None:
-        """Append one metric record to its split's list."""
-        (self.eval if record.get("split") == "eval" else self.train).append(record)
+        """Append one metric record to its split's list and update the summaries."""
+        split = "eval" if record.get("split") == "eval" else "train"
+        bad = [key for key, value in record.items() if isinstance(value, float) and not finite(value)]
+        if bad:
+            self.non_finite_records += 1
+            first = self.first_non_finite
+            if first is None or (record["step"], split == "eval") < (first[0]["step"], first[1] == "eval"):
+                self.first_non_finite = (record, split, bad)
+        if split == "eval":
+            self.eval.append(record)
+            if finite(record.get("rewards/accuracies")):
+                self.latest_eval_accuracy = record
+            return
+        self.train.append(record)
+        for key, value in record.items():
+            if finite(value):
+                self.first_train.setdefault(key, value)
+        lr = record.get("lr")
+        previous = self.train[-2].get("lr") if len(self.train) > 1 else None
+        self.logs_lr = self.logs_lr or finite(lr)
+        if self.lr_stopped_rising is None and finite(previous) and finite(lr) and lr <= previous:
+            self.lr_stopped_rising = len(self.train) - 1
+        if finite(record.get("rewards/accuracies")):
+            self.last_accuracies.append(record["rewards/accuracies"])
+            full = len(self.last_accuracies) == WINDOW
+            self.accuracy_steps.append(record["step"])
+            self.rolling_accuracy.append(_mean(list(self.last_accuracies)) if full else None)
+            if self.saturated is None and full and self.rolling_accuracy[-1] >= SATURATED_ACCURACY:
+                self.saturated = record
+
+    def add_samples(self, samples: list[dict[str, Any]]) -> None:
+        """Append samples.jsonl records and update the latest policy and reference samples."""
+        for sample in samples:
+            self.samples.append(sample)
+            step, prompt = sample["step"], sample["prompt"]
+            if sample.get("source") == "reference":
+                kept = self.reference_samples.get(prompt)
+                if kept is None or step >= kept["step"]:
+                    self.reference_samples[prompt] = sample
+            elif sample.get("source") == "policy":
+                if self.policy_step is None or step > self.policy_step:
+                    self.policy_step, self.policy_samples = step, {}
+                if step == self.policy_step:
+                    self.policy_samples[prompt] = sample
+
+    @property
+    def warmup_end(self) -> int:
+        """Index of the first train record after lr stopped rising (0 when lr is not logged)."""
+        if not self.logs_lr:
+            return 0
+        return len(self.train) if self.lr_stopped_rising is None else self.lr_stopped_rising
 
 
 def _mean(values: list[float]) -> float:
@@ -99,57 +182,36 @@ def _steps(records: list[dict[str, Any]]) -> str:
     return f"{records[0]['step']}-{records[-1]['step']}"
 
 
-def _warmup_end(train: list[dict[str, Any]]) -> int:
-    """Index of the first record after the learning rate stopped rising (0 when lr is not logged)."""
-    if not _column(train, "lr"):
-        return 0
-    for index in range(1, len(train)):
-        previous, current = train[index - 1].get("lr"), train[index].get("lr")
-        if finite(previous) and finite(current) and current <= previous:
-            return index
-    return len(train)
-
-
 def non_finite_metrics(run: RunData) -> list[Finding]:
     """Any NaN or infinite metric value: the run is numerically broken from that step on."""
-    bad = [
-        (
-            record,
-            split,
-            [key for key, value in record.items() if isinstance(value, float) and not finite(value)],
-        )
-        for split, records in (("train", run.train), ("eval", run.eval))
-        for record in records
-    ]
-    bad = [item for item in bad if item[2]]
-    if not bad:
+    if run.first_non_finite is None:
         return []
-    # The earliest step; train before eval, as the trainer logs them.
-    record, split, keys = min(bad, key=lambda item: (item[0]["step"], item[1] == "eval"))
+    record, split, keys = run.first_non_finite
+    count = run.non_finite_records
     values = ", ".join(f"{key}={record[key]}" for key in keys)
-    evidence = f"{values} at step {record['step']} ({split}); {len(bad)} record(s) hold non-finite values."
-    data = {"step": record["step"], "split": split, "keys": keys, "records": len(bad)}
+    evidence = f"{values} at step {record['step']} ({split}); {count} record(s) hold non-finite values."
+    data = {"step": record["step"], "split": split, "keys": keys, "records": count}
     return [diagnosed("non_finite_metrics", evidence, data, record["step"])]
 
 
 def flat_loss(run: RunData) -> list[Finding]:
     """The loss stays at its first value (ln 2 for sigmoid DPO) and the margin at 0 after warmup."""
-    window = run.train[_warmup_end(run.train) :][-FLAT_WINDOW:]
-    first_loss, first_margin = _column(run.train, "loss")[:1], _column(run.train, "rewards/margins")[:1]
+    window = run.train[max(run.warmup_end, len(run.train) - FLAT_WINDOW) :]
+    first_loss, first_margin = run.first_train.get("loss"), run.first_train.get("rewards/margins")
     losses, margins = _column(window, "loss"), _column(window, "rewards/margins")
     if len(window) < FLAT_WINDOW or not losses or not margins:
         return []
     loss, margin = _mean(losses), _mean(margins)
-    if abs(loss - first_loss[0]) > FLAT_LOSS_REL_TOL * abs(first_loss[0]):
+    if abs(loss - first_loss) > FLAT_LOSS_REL_TOL * abs(first_loss):
         return []
-    if abs(margin - first_margin[0]) > FLAT_MARGIN_TOL:
+    if abs(margin - first_margin) > FLAT_MARGIN_TOL:
         return []
     evidence = (
-        f"train loss averaged {loss:.4f} over steps {_steps(window)}, against {first_loss[0]:.4f} at the first "
+        f"train loss averaged {loss:.4f} over steps {_steps(window)}, against {first_loss:.4f} at the first "
         f"step (ln 2 = {LN2:.4f} is the sigmoid loss of a policy that has not moved); the reward margin "
         f"averaged {margin:.4f}; learning rate {run.config.get('learning_rate', 'unknown')}."
     )
-    data = {"loss": loss, "first_loss": first_loss[0], "margin": margin, "steps": _steps(window)}
+    data = {"loss": loss, "first_loss": first_loss, "margin": margin, "steps": _steps(window)}
     return [diagnosed("flat_loss", evidence, data, window[-1]["step"])]
 
 
@@ -215,22 +277,17 @@ def likelihood_displacement(run: RunData) -> list[Finding]:
 
 def _accuracy_gap(run: RunData) -> tuple[str, dict[str, Any], int] | None:
     """Train accuracy saturated by the latest eval while eval accuracy lags by ACCURACY_GAP."""
-    evals = [record for record in run.eval if finite(record.get("rewards/accuracies"))]
-    if not evals:
+    latest = run.latest_eval_accuracy
+    # Train accuracies logged up to the latest eval's step (train records come in step order).
+    before = bisect_right(run.accuracy_steps, latest["step"]) if latest is not None else 0
+    train_accuracy = run.rolling_accuracy[before - 1] if before else None
+    if train_accuracy is None:
         return None
-    latest = evals[-1]
-    before = [r for r in run.train if r["step"] <= latest["step"] and finite(r.get("rewards/accuracies"))]
-    rolling = [
-        _mean([r["rewards/accuracies"] for r in before[i + 1 - WINDOW : i + 1]])
-        for i in range(WINDOW - 1, len(before))
-    ]
-    if not rolling:
-        return None
-    train_accuracy, eval_accuracy = rolling[-1], latest["rewards/accuracies"]
+    eval_accuracy = latest["rewards/accuracies"]
     gap = train_accuracy - eval_accuracy
     if train_accuracy < SATURATED_ACCURACY or gap < ACCURACY_GAP:
         return None
-    first = before[WINDOW - 1 + next(i for i, acc in enumerate(rolling) if acc >= SATURATED_ACCURACY)]
+    first = run.saturated  # reached by `before`: its rolling accuracy is saturated
     text = (
         f"train accuracy {train_accuracy:.2f} against eval accuracy {eval_accuracy:.2f} at step "
         f"{latest['step']} (gap {gap:.2f}); train accuracy first averaged >= {SATURATED_ACCURACY} at step "
@@ -254,17 +311,6 @@ def reward_hacking(run: RunData) -> list[Finding]:
     return [diagnosed("reward_hacking", "; ".join(parts) + ".", data, step)]
 
 
-def _latest_samples(samples: list[dict[str, Any]]) -> tuple[int | None, dict[str, dict], dict[str, dict]]:
-    """(latest policy step, its samples by prompt, the latest reference sample by prompt)."""
-    policy = [s for s in samples if s.get("source") == "policy"]
-    if not policy:
-        return None, {}, {}
-    step = max(s["step"] for s in policy)
-    latest = {s["prompt"]: s for s in policy if s["step"] == step}
-    ordered = sorted(samples, key=lambda s: s["step"])
-    return step, latest, {s["prompt"]: s for s in ordered if s.get("source") == "reference"}
-
-
 def _longer(now: float, before: float) -> bool:
     return now >= VERBOSITY_RATIO * before and now - before >= VERBOSITY_MIN_EXTRA_TOKENS
 
@@ -272,7 +318,7 @@ def _longer(now: float, before: float) -> bool:
 def verbosity(run: RunData) -> list[Finding]:
     """Policy samples longer than the reference's, or chosen answers getting longer over the run."""
     parts, data, at = [], {}, None
-    step, policy, reference = _latest_samples(run.samples)
+    step, policy, reference = run.policy_step, run.policy_samples, run.reference_samples
     prompts = [prompt for prompt in policy if prompt in reference]
     if prompts:
         policy_len = _mean([policy[p]["num_tokens"] for p in prompts])
@@ -306,7 +352,7 @@ def _degenerate(sample: dict[str, Any]) -> bool:
 
 def gibberish(run: RunData) -> list[Finding]:
     """More policy samples loop or look unlikely to the reference than the reference's own samples."""
-    step, policy, reference = _latest_samples(run.samples)
+    step, policy, reference = run.policy_step, run.policy_samples, run.reference_samples
     if not policy:
         return []
     bad = [prompt for prompt, sample in policy.items() if _degenerate(sample)]

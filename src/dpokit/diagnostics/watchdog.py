@@ -45,15 +45,16 @@ class Watchdog:
         """Add one train or eval record; return the findings not reported before, worst first.
 
         Config findings (hyperparameters) come with the first record. Raises ``WatchdogStop`` when
-        ``stop_on_critical`` is set and a new finding is critical. Each call re-runs the rules over
-        the whole run so far, O(records): milliseconds at thousands of steps, small beside a step.
+        ``stop_on_critical`` is set and a new finding is critical. Each call re-runs every rule, but a
+        rule reads only its windows and ``RunData``'s running summaries: the cost per record stays the
+        same however long the run.
         """
         self.run.add(record)
         return self._new_findings()
 
     def update_samples(self, samples: list[dict[str, Any]]) -> list[Finding]:
         """Add samples.jsonl records (from ``generate_samples``); like ``update``."""
-        self.run.samples.extend(samples)
+        self.run.add_samples(samples)
         return self._new_findings()
 
     def _new_findings(self) -> list[Finding]:
