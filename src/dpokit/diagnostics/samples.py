@@ -65,14 +65,13 @@ def generate_samples(
     step: int,
     source: Literal["policy", "reference"],
     reference_model: PreTrainedModel | None = None,
-    do_sample: bool = False,
 ) -> list[dict[str, Any]]:
     """Generate one answer per prompt and return samples.jsonl records.
 
     ``ref_ppl`` is scored by the model itself for ``source="reference"``, and for the policy by
     ``reference_model`` (null when None). A PEFT policy passes itself as ``reference_model``: its
     answers are then scored with the adapters disabled, the reference without a second copy of
-    the weights. Greedy by default, so policy and reference answers differ only by training.
+    the weights. Greedy, so policy and reference answers differ only by training.
     ``num_tokens`` counts the generated tokens, the end-of-sequence token included.
     """
     answers = []
@@ -86,7 +85,7 @@ def generate_samples(
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in encoded], device=model.device)  # (B, P)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in encoded], device=model.device)
         output = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=pad_id,
         )  # fmt: skip
         for prompt, prompt_ids, row in zip(prompts, encoded, output[:, width:].tolist()):

@@ -103,11 +103,11 @@ def add_lora(
     return get_peft_model(model, config)
 
 
-def load_adapter(path: str, base: PreTrainedModel, trainable: bool = False) -> PreTrainedModel:
-    """Attach a saved PEFT adapter to `base`."""
+def load_adapter(path: str, base: PreTrainedModel) -> PreTrainedModel:
+    """Attach a saved PEFT adapter to `base`, frozen (for evaluation and export)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, path, is_trainable=trainable)
+    return PeftModel.from_pretrained(base, path)
 
 
 def is_peft(model: torch.nn.Module) -> bool:
