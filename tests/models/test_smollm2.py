@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -65,10 +64,10 @@ def test_converted_tokenizer_has_chat_template_and_pad_token(converted: Path) ->
 
 @pytest.mark.slow
 def test_second_call_is_a_cache_hit(converted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hit is shown by the conversion never running, not by a time limit a busy machine would break."""
+
     def must_not_convert(gguf: Path, out_dir: Path) -> None:
         raise AssertionError("converted again")
 
     monkeypatch.setattr(smollm2, "_convert", must_not_convert)
-    start = time.perf_counter()
     assert smollm2.smollm2_dir(converted.parent) == converted
-    assert time.perf_counter() - start < 1.0
