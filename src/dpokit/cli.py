@@ -59,6 +59,13 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the run's latest checkpoint.")
     ] = False,
+    force_resume: Annotated[
+        bool,
+        typer.Option(
+            "--force-resume",
+            help="With --resume: continue even though the data, batch size, seed, loss or schedule changed.",
+        ),
+    ] = False,
     print_config: Annotated[
         bool, typer.Option("--print-config", help="Show the resolved config and exit.")
     ] = False,
@@ -77,13 +84,15 @@ def train(
 
         config = Path(resolve_path("builtin:demo"))
     try:
+        if force_resume and not resume:
+            raise DpokitError("--force-resume: only meaningful with --resume")
         run_config = load_config(config, overrides)
         if print_config:
             sys.stdout.write(yaml.safe_dump(run_config.resolved(), sort_keys=False))
             return
         from dpokit.train.loop import train as run_training
 
-        run_dir = run_training(run_config, resume=resume, console=console)
+        run_dir = run_training(run_config, resume=resume, console=console, force_resume=force_resume)
     except DpokitError as error:
         _fail(error)
     console.print(f"done: {run_dir}/final")

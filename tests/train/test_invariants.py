@@ -17,10 +17,10 @@ from dpokit.config import RunConfig
 from dpokit.data.prepare import load_pairs
 from dpokit.errors import DpokitError
 from dpokit.logprobs import compute_logps, padded_pair_logps
+from dpokit.losses import LOSSES
 from dpokit.models.loading import add_lora, load_model, load_tokenizer, reference_context
 from dpokit.reference.cache import cached_reference_logps
 from dpokit.train import checkpoint as checkpoint_module
-from dpokit.train import loop as loop_module
 from dpokit.train.hooks import RunHooks
 from dpokit.train.loop import train
 
@@ -182,7 +182,7 @@ def test_nan_loss_stops_without_overwriting_the_good_checkpoint(
 ):
     """A NaN at step 3 ends the run with a clear error; the step-2 checkpoint stays the latest, untouched."""
     config = make_config(tmp_path / "nan", tiny_model_dir, standard_file, num_epochs=2)
-    real_sigmoid = loop_module.LOSSES["sigmoid"]
+    real_sigmoid = LOSSES["sigmoid"]
     calls = {"n": 0}
 
     def poisoned(policy, reference, params):
@@ -192,7 +192,7 @@ def test_nan_loss_stops_without_overwriting_the_good_checkpoint(
             losses = losses * float("nan")
         return losses, chosen, rejected
 
-    monkeypatch.setitem(loop_module.LOSSES, "sigmoid", poisoned)
+    monkeypatch.setitem(LOSSES, "sigmoid", poisoned)
     with pytest.raises(DpokitError, match=r"step 3: non-finite loss"):
         train(config)
     checkpoints = Path(config.output_dir) / "checkpoints"

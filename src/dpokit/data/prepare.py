@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from dpokit.data.reading import load_rows
+from dpokit.data.rows import validate_records
 from dpokit.data.tokenize import TokenizedPair, tokenize_rows
 from dpokit.errors import DpokitError
+
+Rows = Sequence[Mapping[str, Any]]  # preference rows held in memory, in any of TRL's formats
 
 BUILTIN = {
     "builtin:sentiment": "sentiment_pairs.jsonl",
@@ -64,10 +69,16 @@ class DataReport:
 
 
 def load_pairs(
-    source: str, tokenizer: PreTrainedTokenizerBase, max_length: int
+    source: str | Rows, tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> tuple[list[TokenizedPair], DataReport]:
-    path = resolve_path(source)
-    rows, identical = load_rows(path)
+    """Tokenized pairs from a file, directory or Hub name, or from rows held in memory (numbered from 0 in
+    errors), with a report of what was skipped, dropped or truncated."""
+    if isinstance(source, str):
+        path = resolve_path(source)
+        rows, identical = load_rows(path)
+    else:
+        path = "<rows in memory>"
+        rows, identical = validate_records(enumerate(source), path)
     tokenized = tokenize_rows(tokenizer, rows, max_length)
     if not tokenized.pairs:
         raise DpokitError(

@@ -41,6 +41,21 @@ class RunHooks:
         self.evals: list[dict[str, Any]] = []
         self.judge_means: dict[int, float] = {}
 
+    def replay(self, records: list[dict[str, Any]], samples: list[dict[str, Any]]) -> None:
+        """Take in what a resumed run had logged before its checkpoint, silently: the watchdog sees the whole
+        history (its findings then were printed then), and the summary compares against the first eval."""
+        stop_on_critical, self.watchdog.stop_on_critical = self.watchdog.stop_on_critical, False
+        for record in records:
+            if record["split"] == "eval":
+                self.evals.append(record)
+            self.watchdog.update(record)
+        if samples:
+            self.watchdog.update_samples(samples)
+        for step in sorted({s["step"] for s in samples if "judge" in s}):
+            scores = [s["judge"] for s in samples if s["step"] == step and "judge" in s]
+            self.judge_means[step] = sum(scores) / len(scores)
+        self.watchdog.stop_on_critical = stop_on_critical
+
     def on_record(self, record: dict[str, Any]) -> None:
         """Run the watchdog on a new metrics record; it raises WatchdogStop on a critical finding if asked to."""
         if record["split"] == "eval":

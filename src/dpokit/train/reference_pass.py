@@ -1,0 +1,42 @@
+"""The reference pass: reference log-probs before any optimizer step (SPEC §3.1).
+
+precompute: of every train and held-out pair, once, cached on disk, then the separate reference is freed.
+live: of the held-out pairs only (train pairs get a reference forward inside each step).
+none: nothing (reference-free losses such as SimPO).
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+from dpokit.logprobs import compute_logps
+from dpokit.models.loading import reference_context
+from dpokit.reference.cache import cached_reference_logps
+from dpokit.train.run import Run
+
+
+def reference_pass(run: Run) -> None:
+    """Fill `run.data.train_reference` and `run.data.eval_reference` as the reference mode asks."""
+    config, data = run.config, run.data
+    batch_size = config.micro_batch_size * 2  # no gradients: twice the training micro-batch fits
+    if run.mode == "precompute":
+        cache_dir = Path(config.cache_dir) / "reference"
+        # Packed and chunked log-probs equal padded ones only up to float rounding: part of the key.
+        method = f"packing={config.packing},share={config.share_prompt},chunk={config.logps_chunk_size}"
+        with reference_context(run.policy, run.reference) as model:
+            data.train_reference, hit = cached_reference_logps(
+                model, data.train, run.logps_fn, cache_dir, batch_size, method
+            )
+            run.console.print(
+                f"reference log-probs of {len(data.train)} train pairs: {'cache hit' if hit else 'computed'}"
+            )
+            if data.eval:
+                data.eval_reference, _ = cached_reference_logps(
+                    model, data.eval, run.logps_fn, cache_dir, batch_size, method
+                )
+        run.reference = None  # every reference log-prob is on hand: free the weights before training
+        gc.collect()
+    elif run.mode == "live" and data.eval:
+        with reference_context(run.policy, run.reference) as model:
+            data.eval_reference = compute_logps(model, data.eval, run.logps_fn, batch_size, "reference")

@@ -1,0 +1,220 @@
+"""Set-up of a training run: accelerator, tokenizer, pairs, models, optimizer, schedule and resume state.
+
+`setup_run` turns a config into a `Run`, the state that the reference pass (`train/reference_pass.py`), one
+optimizer step (`train/step.py`) and the loop (`train/loop.py`) share. The benchmark and the on-policy loop
+build a `Run` the same way, so they time and train exactly what `dpokit train` does.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+
+from dpokit.config import RunConfig
+from dpokit.data.prepare import Rows, load_pairs, split_pairs, subset
+from dpokit.data.tokenize import TokenizedPair
+from dpokit.errors import DpokitError
+from dpokit.logprobs import LogpsFn, PairLogps
+from dpokit.losses import LOSSES, LossFn, LossParams
+from dpokit.models.loading import add_lora, load_model, load_tokenizer
+from dpokit.packing import build_logps_fn
+from dpokit.reference.cache import pairs_fingerprint
+
+
+@dataclass
+class Datasets:
+    """Tokenized train and held-out pairs, with their reference log-probs once computed."""
+
+    train: list[TokenizedPair]
+    eval: list[TokenizedPair]
+    train_reference: PairLogps | None = None
+    eval_reference: PairLogps | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """Everything one training run holds between set-up and the end."""
+
+    config: RunConfig
+    run_dir: Path
+    console: Console
+    accelerator: Accelerator
+    tokenizer: PreTrainedTokenizerBase
+    data: Datasets
+    logps_fn: LogpsFn
+    loss_fn: LossFn
+    params: LossParams
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None  # a separate frozen reference; None: adapters disabled, or freed
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    trainable: list[torch.nn.Parameter] = field(default_factory=list)
+    pairs_per_step: int = 0
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+
+    @property
+    def mode(self) -> str:
+        """The reference mode in force: precompute, live or none."""
+        return self.config.resolved_reference_mode
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The policy without accelerate's wrappers (for saving, sampling and evaluation)."""
+        return self.accelerator.unwrap_model(self.policy)
+
+    def identity(self) -> dict[str, Any]:
+        """What decides which pairs each step sees and how they are weighed: stored in every checkpoint and
+        compared on resume, so a changed dataset or setting never silently remaps the remaining steps."""
+        config = self.config
+        return {
+            "train_data": pairs_fingerprint(self.data.train),
+            "effective_batch_size": self.pairs_per_step,
+            "seed": config.seed,
+            "loss_type": config.loss_type,
+            "beta": config.resolved_beta,
+            "learning_rate": config.resolved_learning_rate,
+            "num_epochs": config.num_epochs,
+            "max_steps": config.max_steps,
+        }
+
+
+def prepare_datasets(
+    config: RunConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    train_rows: Rows | None = None,
+    eval_rows: Rows | None = None,
+) -> Datasets:
+    """Tokenized train and held-out pairs from the config's files, or from rows held in memory."""
+    train, report = load_pairs(
+        train_rows if train_rows is not None else config.train_data, tokenizer, config.max_length
+    )
+    notes = report.warnings()
+    eval_source = eval_rows if eval_rows is not None else config.eval_data
+    if eval_source is not None:
+        held, eval_report = load_pairs(eval_source, tokenizer, config.max_length)
+        notes += eval_report.warnings()
+    elif config.eval_split > 0:
+        train, held = split_pairs(train, config.eval_split, config.seed)
+    else:
+        held = []
+    return Datasets(
+        subset(train, config.train_subset, config.seed),
+        subset(held, config.eval_subset, config.seed),
+        notes=notes,
+    )
+
+
+def load_policy(config: RunConfig, device: torch.device) -> torch.nn.Module:
+    """The model to train: gradient checkpointing and LoRA/QLoRA adapters applied as configured."""
+    policy = load_model(config.model, config.dtype, config.trust_remote_code, config.load_in_4bit)
+    if config.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.enable_input_require_grads()
+    if config.use_lora:
+        policy = add_lora(
+            policy,
+            config.lora_r,
+            config.lora_alpha,
+            config.lora_dropout,
+            config.lora_target_modules,
+            config.load_in_4bit,
+            config.gradient_checkpointing,
+        )
+    return policy.to(device)
+
+
+def load_reference(config: RunConfig, device: torch.device) -> torch.nn.Module | None:
+    """A separate frozen reference, when one is needed: a given `reference_model`, or a frozen copy of
+    `model` for full fine-tuning. LoRA runs use the base with adapters disabled (None here)."""
+    if config.resolved_reference_mode == "none" or (config.reference_model is None and config.use_lora):
+        return None
+    reference = load_model(config.reference_model or config.model, config.dtype, config.trust_remote_code)
+    return reference.to(device).eval().requires_grad_(False)
+
+
+def setup_run(
+    config: RunConfig,
+    console: Console,
+    train_rows: Rows | None = None,
+    eval_rows: Rows | None = None,
+) -> Run:
+    """Data, models and the run directory; the optimizer comes after the reference pass (`setup_optimizer`)."""
+    run_dir = Path(config.output_dir)
+    accelerator = Accelerator(log_with=config.report_to or None, project_dir=str(run_dir))
+    set_seed(config.seed)
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    data = prepare_datasets(config, tokenizer, train_rows, eval_rows)
+    for note in data.notes:
+        warnings.warn(note, UserWarning, stacklevel=1)
+    logps_fn = build_logps_fn(
+        tokenizer.pad_token_id,
+        config.packing,
+        config.share_prompt,
+        config.logps_chunk_size,
+        max(config.token_budget, config.max_length),
+    )
+    return Run(
+        config=config,
+        run_dir=run_dir,
+        console=console,
+        accelerator=accelerator,
+        tokenizer=tokenizer,
+        data=data,
+        logps_fn=logps_fn,
+        loss_fn=LOSSES[config.loss_type],
+        params=LossParams(
+            config.resolved_beta, config.label_smoothing, config.rdpo_alpha, config.simpo_gamma
+        ),
+        policy=load_policy(config, accelerator.device),
+        reference=load_reference(config, accelerator.device),
+    )
+
+
+def setup_optimizer(run: Run) -> None:
+    """AdamW over the trainable weights, cosine schedule with warmup, and the step arithmetic."""
+    config, accelerator = run.config, run.accelerator
+    run.pairs_per_step = min(config.effective_batch_size, len(run.data.train))
+    if run.pairs_per_step % accelerator.num_processes:
+        raise DpokitError(
+            f"effective_batch_size: {run.pairs_per_step} pairs per step do not split evenly over "
+            f"{accelerator.num_processes} processes"
+        )
+    run.steps_per_epoch = len(run.data.train) // run.pairs_per_step
+    run.total_steps = config.max_steps or run.steps_per_epoch * config.num_epochs
+    run.trainable = [p for p in run.policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        run.trainable, lr=config.resolved_learning_rate, weight_decay=config.weight_decay
+    )
+    warmup = math.ceil(config.warmup_ratio * run.total_steps)
+    run.scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, run.total_steps)
+    run.policy, run.optimizer = accelerator.prepare(run.policy, optimizer)
+
+
+def step_indices(
+    num_pairs: int, pairs_per_step: int, step: int, steps_per_epoch: int, seed: int
+) -> list[int]:
+    """Pair indices of optimizer step `step`: a fresh seeded permutation per epoch, so resuming at any step
+    sees exactly the pairs an uninterrupted run would."""
+    epoch, within = divmod(step, steps_per_epoch)
+    order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return order[within * pairs_per_step : (within + 1) * pairs_per_step]
+
+
+def identity_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between a checkpoint's run identity and this run's, one phrase per setting."""
+    return [
+        f"{name} changed" + ("" if name == "train_data" else f" ({saved[name]!r} -> {current[name]!r})")
+        for name in current
+        if name in saved and saved[name] != current[name]
+    ]

@@ -1,0 +1,87 @@
+"""One optimizer step: micro-batches → loss → backward → clip → finite check → optimizer step → metrics.
+
+`dpokit train`, the benchmark and the on-policy loop all step through `train_step`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Any
+
+from dpokit.errors import DpokitError
+from dpokit.logprobs import PairLogps, select
+from dpokit.losses import chosen_nll
+from dpokit.models.loading import reference_context
+from dpokit.pair_stats import PairStats
+from dpokit.train.run import Run, step_indices
+
+
+class NonFiniteStep(DpokitError):
+    """A step whose loss, metrics or gradient norm is NaN or infinite; raised before the optimizer steps."""
+
+
+def micro_batches(run: Run, step: int) -> list[list[int]]:
+    """This process's pair indices for optimizer step `step` (0-based), cut into micro-batches."""
+    indices = step_indices(
+        len(run.data.train), run.pairs_per_step, step, run.steps_per_epoch, run.config.seed
+    )
+    local = indices[run.accelerator.process_index :: run.accelerator.num_processes]
+    size = run.config.micro_batch_size
+    return [local[i : i + size] for i in range(0, len(local), size)]
+
+
+def reference_logps(run: Run, micro: list[int], policy_logps: PairLogps) -> PairLogps | None:
+    """Reference log-probs of the pairs at `micro`: from the precomputed table, a live forward, or None."""
+    if run.mode == "precompute":
+        ref = select(run.data.train_reference, micro)
+    elif run.mode == "live":
+        with reference_context(run.model, run.reference) as model:
+            ref = run.logps_fn(model, [run.data.train[i] for i in micro])
+    else:
+        return None
+    device = policy_logps.chosen.device
+    return PairLogps(*(t.to(device, non_blocking=True) for t in vars(ref).values()))
+
+
+def train_step(run: Run, step: int) -> dict[str, Any]:
+    """Run optimizer step `step` (0-based) and return its metrics record (step numbered from 1).
+
+    Each pair weighs 1/pairs_per_step in the gradient whatever the micro-batching and the number of
+    processes (DDP averages over processes, hence the scale). A non-finite loss, metric or gradient norm
+    raises `NonFiniteStep` before the optimizer touches the weights.
+    """
+    started = time.perf_counter()
+    config, accelerator = run.config, run.accelerator
+    local_scale = accelerator.num_processes / run.pairs_per_step
+    stats = PairStats()
+    batches = micro_batches(run, step)
+    for number, micro in enumerate(batches):
+        last = number == len(batches) - 1
+        with nullcontext() if last else accelerator.no_sync(run.policy):
+            out = run.logps_fn(run.policy, [run.data.train[i] for i in micro])
+            ref = reference_logps(run, micro, out)
+            losses, chosen_rewards, rejected_rewards = run.loss_fn(out, ref, run.params)
+            total = losses + config.nll_alpha * chosen_nll(out) if config.nll_alpha else losses
+            accelerator.backward(total.sum() * local_scale)
+            stats.add(losses, chosen_rewards, rejected_rewards, out, ref)
+    record: dict[str, Any] = {
+        "split": "train",
+        "step": step + 1,
+        "epoch": (step + 1) / run.steps_per_epoch,
+        **stats.means(accelerator.reduce(stats.totals().to(accelerator.device), "sum").cpu()),
+        "grad_norm": float(accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)),
+    }
+    bad = [name for name, value in record.items() if isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        raise NonFiniteStep(
+            f"step {step + 1}: non-finite {', '.join(bad)} (loss {record['loss']}, grad_norm {record['grad_norm']}); "
+            "stopped before the optimizer step. Lower learning_rate or raise beta; the last good checkpoint is kept"
+        )
+    record["lr"] = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    record["pairs_per_s"] = run.pairs_per_step / (time.perf_counter() - started)
+    return record
