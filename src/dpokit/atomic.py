@@ -78,3 +78,14 @@ def replace_dir(partial: Path, final: Path) -> None:
     os.replace(partial, final)
     fsync_path(final.parent)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def prune_partial_files(directory: Path) -> None:
+    """Delete the ``.partial-*`` files a killed writer left in ``directory``.
+
+    Only for a directory one process writes at a time (a run directory), where no temporary can belong
+    to a live writer.
+    """
+    for stale in directory.glob(".partial-*"):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)

@@ -19,7 +19,7 @@ import yaml
 from rich.console import Console
 from tqdm import tqdm
 
-from dpokit.atomic import write_atomic
+from dpokit.atomic import prune_partial_files, write_atomic
 from dpokit.config import RunConfig
 from dpokit.data.prepare import Rows
 from dpokit.errors import DpokitError
@@ -66,9 +66,10 @@ def train(
             f"{run_dir}: already holds a run; pass --resume to continue it or choose another output_dir"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
-
     run = setup_run(config, console, train_rows, eval_rows)
+    if run.accelerator.is_main_process:
+        prune_partial_files(run_dir)
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
     reference_pass(run)
     setup_optimizer(run)
     start_step = restore(run, checkpoint, force_resume) if checkpoint is not None else 0
