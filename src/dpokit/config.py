@@ -14,6 +14,12 @@ from dpokit.errors import DpokitError
 from dpokit.losses import LOSSES, REFERENCE_FREE
 from dpokit.ranges import FULL_LR_RANGE, LORA_LR_RANGE, out_of_range
 
+BF16_PURE_WARNING = (
+    "precision: bf16-pure steps AdamW on bf16 weights, so updates below bf16's resolution (~1/256 of a "
+    "weight) are lost; a full fine-tune at DPO learning rates loses most of them. Use bf16-mixed to keep "
+    "fp32 master weights"
+)
+
 
 class RunConfig(BaseModel):
     """Everything a `dpokit train` run needs. Field descriptions are the reference documentation."""
@@ -36,8 +42,15 @@ class RunConfig(BaseModel):
         description="precompute: reference log-probs computed once, cached on disk, reference freed; "
         "live: reference forward at every step; none: no reference (forced for reference-free losses like simpo).",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weights dtype (CPU: float32)."
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-pure"] = Field(
+        "auto",
+        description="Numeric precision. auto: bf16-mixed on a CUDA GPU with bf16, fp32 otherwise (CPU). "
+        "bf16-mixed: trained weights and AdamW state stay fp32, forward and backward run under bf16 "
+        "autocast, frozen weights (separate reference, LoRA base) are stored in bf16; the GPU choice. "
+        "fp16-mixed: the same in float16 with a gradient scaler, for GPUs without bf16 (V100, T4). "
+        "fp32: everything in float32 (TF32 matmuls on GPUs that have them); CPU, or for exact comparisons. "
+        "bf16-pure: every weight cast to bf16, no fp32 copy: least memory, but AdamW updates below bf16's "
+        "resolution (~1/256 of a weight) are lost, which at DPO's full fine-tuning rates is most of them.",
     )
     trust_remote_code: bool = Field(
         False, description="Allow model code from the model repository. Only if you trust it."
@@ -192,6 +205,16 @@ class RunConfig(BaseModel):
     sample_max_new_tokens: int = Field(48, ge=1, description="Length of each sample.")
     judge: Literal["vader", "none"] = Field("vader", description="Scores samples: 'vader' sentiment or none.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "dtype" in data:
+            raise ValueError(
+                "field 'dtype': removed; use precision (bf16-mixed keeps fp32 master weights, bf16-pure is the "
+                "old cast of every weight to bf16, fp32 the old default)"
+            )
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.loss_type not in LOSSES:
@@ -295,4 +318,6 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
         raise DpokitError(f"{source}{message}") from None
     for note in range_warnings(config):
         warnings.warn(note, UserWarning, stacklevel=2)
+    if config.precision == "bf16-pure":
+        warnings.warn(BF16_PURE_WARNING, UserWarning, stacklevel=2)
     return config

@@ -16,8 +16,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from dpokit.errors import DpokitError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def resolve_model_source(name: str) -> tuple[str, dict]:
     """Map a model name to (from_pretrained path, extra kwargs): 'smollm2', a .gguf file, a directory, a Hub id."""
@@ -58,9 +56,16 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 
 def load_model(
-    name: str, dtype: str = "float32", trust_remote_code: bool = False, load_in_4bit: bool = False
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    load_in_4bit: bool = False,
 ) -> PreTrainedModel:
-    """Load a causal LM with dropout disabled (DPO compares policy and reference log-probs: no noise)."""
+    """Load a causal LM with dropout disabled (DPO compares policy and reference log-probs: no noise).
+
+    dtype: storage of the weights (`Precision.trainable_dtype` or `frozen_dtype`); with `load_in_4bit`, the
+    dtype the 4-bit layers compute in.
+    """
     source, extra = resolve_model_source(name)
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -68,12 +73,12 @@ def load_model(
         extra["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=DTYPES[dtype],
+            bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True,
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **extra
+            source, dtype=dtype, trust_remote_code=trust_remote_code, **extra
         )
     except OSError as error:
         raise DpokitError(f"{name}: cannot load a model ({str(error).splitlines()[0]})") from None

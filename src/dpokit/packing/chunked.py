@@ -21,9 +21,11 @@ def _project(
     """Logits hidden @ weight^T (+ bias) of one chunk, (C, H) -> (C, V), written into the float32 tile `out`.
 
     Writing into one reused tile matters on CPU: a fresh (C, V) tensor per chunk costs as much in page faults
-    as the elementwise work on it.
+    as the elementwise work on it. The hidden states are cast to the weight's dtype: under autocast they may
+    be bf16 while a trained head is fp32, and `torch.mm(out=)` is never autocast, so an fp32 head computes
+    fp32 logits (bf16-rounded logits would move a log-prob by ~|logit| / 256).
     """
-    out = out[: hidden.shape[0]]
+    out, hidden = out[: hidden.shape[0]], hidden.to(weight.dtype)
     if weight.dtype == out.dtype:
         torch.mm(hidden, weight.t(), out=out)
     else:

@@ -22,8 +22,12 @@ def reference_pass(run: Run) -> None:
     batch_size = config.micro_batch_size * 2  # no gradients: twice the training micro-batch fits
     if run.mode == "precompute":
         cache_dir = Path(config.cache_dir) / "reference"
-        # Packed and chunked log-probs equal padded ones only up to float rounding: part of the key.
-        method = f"packing={config.packing},share={config.share_prompt},chunk={config.logps_chunk_size}"
+        # Packed and chunked log-probs equal padded ones only up to float rounding, and autocast rounds
+        # more: all part of the key.
+        method = (
+            f"packing={config.packing},share={config.share_prompt},chunk={config.logps_chunk_size},"
+            f"precision={run.precision.name}"
+        )
         with reference_context(run.policy, run.reference) as model:
             data.train_reference, hit = cached_reference_logps(
                 model, data.train, run.logps_fn, cache_dir, batch_size, method

@@ -28,6 +28,7 @@ from dpokit.losses import LOSSES, LossFn, LossParams
 from dpokit.models.loading import add_lora, load_model, load_tokenizer
 from dpokit.packing import build_logps_fn
 from dpokit.reference.cache import pairs_fingerprint
+from dpokit.train.precision import Precision, resolve_precision
 
 
 @dataclass
@@ -51,13 +52,15 @@ class Run:
     accelerator: Accelerator
     tokenizer: PreTrainedTokenizerBase
     data: Datasets
-    logps_fn: LogpsFn
+    precision: Precision
+    logps_fn: LogpsFn  # runs under `precision.autocast()`
     loss_fn: LossFn
     params: LossParams
     policy: torch.nn.Module
     reference: torch.nn.Module | None  # a separate frozen reference; None: adapters disabled, or freed
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    scaler: torch.amp.GradScaler | None = None  # fp16-mixed only
     trainable: list[torch.nn.Parameter] = field(default_factory=list)
     pairs_per_step: int = 0
     steps_per_epoch: int = 0
@@ -115,9 +118,14 @@ def prepare_datasets(
     )
 
 
-def load_policy(config: RunConfig, device: torch.device) -> torch.nn.Module:
-    """The model to train: gradient checkpointing and LoRA/QLoRA adapters applied as configured."""
-    policy = load_model(config.model, config.dtype, config.trust_remote_code, config.load_in_4bit)
+def load_policy(config: RunConfig, precision: Precision, device: torch.device) -> torch.nn.Module:
+    """The model to train: gradient checkpointing and LoRA/QLoRA adapters applied as configured.
+
+    A full fine-tune stores every weight in the trainable dtype; LoRA stores its frozen base in the frozen
+    dtype, and peft keeps the adapters themselves in float32 (it upcasts bf16/fp16 adapter weights).
+    """
+    dtype = precision.frozen_dtype if config.use_lora else precision.trainable_dtype
+    policy = load_model(config.model, dtype, config.trust_remote_code, config.load_in_4bit)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.enable_input_require_grads()
@@ -134,12 +142,14 @@ def load_policy(config: RunConfig, device: torch.device) -> torch.nn.Module:
     return policy.to(device)
 
 
-def load_reference(config: RunConfig, device: torch.device) -> torch.nn.Module | None:
+def load_reference(config: RunConfig, precision: Precision, device: torch.device) -> torch.nn.Module | None:
     """A separate frozen reference, when one is needed: a given `reference_model`, or a frozen copy of
     `model` for full fine-tuning. LoRA runs use the base with adapters disabled (None here)."""
     if config.resolved_reference_mode == "none" or (config.reference_model is None and config.use_lora):
         return None
-    reference = load_model(config.reference_model or config.model, config.dtype, config.trust_remote_code)
+    reference = load_model(
+        config.reference_model or config.model, precision.frozen_dtype, config.trust_remote_code
+    )
     return reference.to(device).eval().requires_grad_(False)
 
 
@@ -153,6 +163,7 @@ def setup_run(
     run_dir = Path(config.output_dir)
     accelerator = Accelerator(log_with=config.report_to or None, project_dir=str(run_dir))
     set_seed(config.seed)
+    precision = resolve_precision(config.precision, accelerator.device)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     data = prepare_datasets(config, tokenizer, train_rows, eval_rows)
     for note in data.notes:
@@ -171,18 +182,20 @@ def setup_run(
         accelerator=accelerator,
         tokenizer=tokenizer,
         data=data,
-        logps_fn=logps_fn,
+        precision=precision,
+        logps_fn=precision.wrap(logps_fn),
         loss_fn=LOSSES[config.loss_type],
         params=LossParams(
             config.resolved_beta, config.label_smoothing, config.rdpo_alpha, config.simpo_gamma
         ),
-        policy=load_policy(config, accelerator.device),
-        reference=load_reference(config, accelerator.device),
+        policy=load_policy(config, precision, accelerator.device),
+        reference=load_reference(config, precision, accelerator.device),
     )
 
 
 def setup_optimizer(run: Run) -> None:
-    """AdamW over the trainable weights, cosine schedule with warmup, and the step arithmetic."""
+    """AdamW over the trainable weights, cosine schedule with warmup, the fp16 gradient scaler, and the step
+    arithmetic."""
     config, accelerator = run.config, run.accelerator
     run.pairs_per_step = min(config.effective_batch_size, len(run.data.train))
     if run.pairs_per_step % accelerator.num_processes:
@@ -198,6 +211,7 @@ def setup_optimizer(run: Run) -> None:
     )
     warmup = math.ceil(config.warmup_ratio * run.total_steps)
     run.scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, run.total_steps)
+    run.scaler = run.precision.grad_scaler()
     run.policy, run.optimizer = accelerator.prepare(run.policy, optimizer)
 
 

@@ -51,6 +51,11 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     Each pair weighs 1/pairs_per_step in the gradient whatever the micro-batching and the number of
     processes (DDP averages over processes, hence the scale). A non-finite loss, metric or gradient norm
     raises `NonFiniteStep` before the optimizer touches the weights.
+
+    The forward runs under the run's precision (`run.logps_fn` autocasts). Under fp16-mixed the loss is
+    scaled before backward and the gradients unscaled before clipping; an infinite gradient norm there is
+    the scaler's overflow signal, not a fault: the scaler skips the optimizer step and lowers its scale,
+    and the record says `skipped: 1.0` in place of `grad_norm`. The loss and metrics are checked as always.
     """
     started = time.perf_counter()
     config, accelerator = run.config, run.accelerator
@@ -64,23 +69,33 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
             ref = reference_logps(run, micro, out)
             losses, chosen_rewards, rejected_rewards = run.loss_fn(out, ref, run.params)
             total = losses + config.nll_alpha * chosen_nll(out) if config.nll_alpha else losses
-            accelerator.backward(total.sum() * local_scale)
+            loss = total.sum() * local_scale
+            accelerator.backward(run.scaler.scale(loss) if run.scaler else loss)
             stats.add(losses, chosen_rewards, rejected_rewards, out, ref)
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)  # clip and report the true gradients
     record: dict[str, Any] = {
         "split": "train",
         "step": step + 1,
         "epoch": (step + 1) / run.steps_per_epoch,
-        **stats.means(accelerator.reduce(stats.totals().to(accelerator.device), "sum").cpu()),
+        **stats.means(accelerator.reduce(stats.totals(), "sum")),
         "grad_norm": float(accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)),
     }
+    if run.scaler and not math.isfinite(record["grad_norm"]):
+        del record["grad_norm"]
+        record["skipped"] = 1.0
     bad = [name for name, value in record.items() if isinstance(value, float) and not math.isfinite(value)]
     if bad:
         raise NonFiniteStep(
-            f"step {step + 1}: non-finite {', '.join(bad)} (loss {record['loss']}, grad_norm {record['grad_norm']}); "
+            f"step {step + 1}: non-finite {', '.join(bad)} (loss {record['loss']}, grad_norm {record.get('grad_norm')}); "
             "stopped before the optimizer step. Lower learning_rate or raise beta; the last good checkpoint is kept"
         )
     record["lr"] = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
+    if run.scaler:
+        run.scaler.step(run.optimizer)  # skips the step when the unscaled gradients hold an inf or NaN
+        run.scaler.update()
+    else:
+        run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     record["pairs_per_s"] = run.pairs_per_step / (time.perf_counter() - started)
