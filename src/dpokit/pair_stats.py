@@ -3,19 +3,18 @@ training steps and held-out evaluation both report with."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
 from dpokit.logprobs import PairLogps
 
 
 class PairStats:
-    """Running sums of per-pair metrics; `means()` gives the mean over every pair added."""
+    """Running sums of per-pair metrics, kept on the device of the inputs: adding a micro-batch never waits
+    for the device (no host sync); `means()` reads everything once."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.count = 0
+        self.names: list[str] = []
+        self.sums: torch.Tensor | None = None  # (K + 1,) float64: one sum per metric, then the pair count
 
     def add(
         self,
@@ -27,30 +26,29 @@ class PairStats:
     ) -> None:
         """Add a batch: every argument is (B,) per pair (or PairLogps of (B,) tensors)."""
         values = {
-            "loss": losses.detach(),
+            "loss": losses,
             "rewards/chosen": chosen_rewards,
             "rewards/rejected": rejected_rewards,
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
             "rewards/margins": chosen_rewards - rejected_rewards,
-            "logps/chosen": policy.chosen.detach(),
-            "logps/rejected": policy.rejected.detach(),
+            "logps/chosen": policy.chosen,
+            "logps/rejected": policy.rejected,
             "lengths/chosen": policy.chosen_lengths,
             "lengths/rejected": policy.rejected_lengths,
         }
         if reference is not None:
             # Sequence-level estimate of KL(pi || pi_ref) on the data: mean log-ratio of both answers.
-            values["kl"] = (
-                (policy.chosen - reference.chosen) + (policy.rejected - reference.rejected)
-            ).detach() / 2
-        for name, value in values.items():
-            self.sums[name] += float(value.float().sum())
-        self.count += len(losses)
+            values["kl"] = ((policy.chosen - reference.chosen) + (policy.rejected - reference.rejected)) / 2
+        count = torch.full((), len(losses), dtype=torch.float64, device=losses.device)  # a fill, not a copy
+        batch = torch.stack([v.detach().to(torch.float64).sum() for v in values.values()] + [count])
+        self.names = list(values)
+        self.sums = batch if self.sums is None else self.sums + batch
 
     def totals(self) -> torch.Tensor:
-        """Sums and count as one tensor, for reducing across processes."""
-        return torch.tensor([*self.sums.values(), float(self.count)], dtype=torch.float64)
+        """Sums and count as one device tensor (K + 1,), for reducing across processes."""
+        return self.sums
 
     def means(self, totals: torch.Tensor | None = None) -> dict[str, float]:
-        totals = self.totals() if totals is None else totals
-        count = float(totals[-1])
-        return {name: float(value) / count for name, value in zip(self.sums, totals[:-1])}
+        """Mean of each metric over every pair added (of `totals`, when reduced across processes)."""
+        *sums, count = (self.sums if totals is None else totals).tolist()  # the one read from the device
+        return {name: value / count for name, value in zip(self.names, sums)}

@@ -78,7 +78,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         "split": "train",
         "step": step + 1,
         "epoch": (step + 1) / run.steps_per_epoch,
-        **stats.means(accelerator.reduce(stats.totals().to(accelerator.device), "sum").cpu()),
+        **stats.means(accelerator.reduce(stats.totals(), "sum")),
         "grad_norm": float(accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)),
     }
     if run.scaler and not math.isfinite(record["grad_norm"]):
