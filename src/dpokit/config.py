@@ -161,7 +161,17 @@ class RunConfig(BaseModel):
         ge=1,
         description="Pairs per optimizer step, reached with gradient accumulation. Recommended 128-1024.",
     )
-    micro_batch_size: int = Field(4, ge=1, description="Pairs per forward pass per process.")
+    micro_batch_size: int = Field(
+        4, ge=1, description="Pairs per forward pass per process, when micro_batch_tokens is None."
+    )
+    micro_batch_tokens: int | Literal["auto"] | None = Field(
+        "auto",
+        description="Fill each forward pass with pairs up to this many tokens (both sequences of a pair, prompt + "
+        "answer each) instead "
+        "of a fixed micro_batch_size: a GPU needs many tokens per pass to be busy. 'auto': 16384 on a GPU, "
+        "None (micro_batch_size pairs) on CPU. The reference pass uses twice the budget. Exact: the step's "
+        "gradient is the same sum over the same pairs.",
+    )
     warmup_ratio: float = Field(
         0.1, ge=0.0, le=1.0, description="Share of steps with linear LR warmup before cosine decay."
     )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from dpokit.data.batching import pad_pairs
+from dpokit.data.batching import pad_pairs, token_batches
 from dpokit.data.tokenize import TokenizedPair
 
 
@@ -74,19 +74,30 @@ def padded_pair_logps(model: torch.nn.Module, pairs: list[TokenizedPair], pad_to
 
 
 def compute_logps(
-    model: torch.nn.Module, pairs: list[TokenizedPair], logps_fn: LogpsFn, batch_size: int, desc: str
+    model: torch.nn.Module,
+    pairs: list[TokenizedPair],
+    logps_fn: LogpsFn,
+    batch_size: int,
+    desc: str,
+    max_tokens: int | None = None,
 ) -> PairLogps:
-    """Log-probs of every pair in batches of similar length (less padding), returned in dataset order."""
+    """Log-probs of every pair, without gradients, returned in dataset order (on the CPU).
+
+    Pairs go in length order, so a batch holds pairs of similar length (less padding): `batch_size` pairs a
+    batch, or as many as `max_tokens` tokens hold when given. Results stay on the model's device until the
+    end: no host sync per batch.
+    """
     order = sorted(range(len(pairs)), key=lambda i: pairs[i].num_tokens)
-    chosen = torch.zeros(len(pairs))
-    rejected = torch.zeros(len(pairs))
-    chosen_lengths = torch.zeros(len(pairs))
-    rejected_lengths = torch.zeros(len(pairs))
+    if max_tokens is None:
+        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    else:
+        groups = token_batches([pairs[i].num_tokens for i in order], max_tokens)
+        batches = [[order[j] for j in group] for group in groups]
+    results = []
     with torch.inference_mode():
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-            index = torch.tensor(order[start : start + batch_size])
-            out = logps_fn(model, [pairs[i] for i in index])
-            chosen[index], rejected[index] = out.chosen.float().cpu(), out.rejected.float().cpu()
-            chosen_lengths[index] = out.chosen_lengths.float().cpu()
-            rejected_lengths[index] = out.rejected_lengths.float().cpu()
-    return PairLogps(chosen, rejected, chosen_lengths, rejected_lengths)
+        for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+            out = logps_fn(model, [pairs[i] for i in batch])
+            results.append(torch.stack([t.float() for t in vars(out).values()]))  # (4, B)
+    table = torch.empty(4, len(pairs))
+    table[:, [i for batch in batches for i in batch]] = torch.cat(results, dim=1).cpu()  # (4, N), one read
+    return PairLogps(*(row.clone() for row in table))  # separate storages: safetensors saves each

@@ -1,4 +1,5 @@
-"""Turn tokenized pairs into padded model inputs, chosen sequences first then rejected, as TRL lays them out."""
+"""Group pairs into forward passes, and turn them into padded model inputs (chosen sequences first, then
+rejected, as TRL lays them out)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,20 @@ def pad_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.
         attention_mask[i, : len(sequence)] = 1
         completion_mask[i, len(sequence) - answer : len(sequence)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def token_batches(sizes: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive groups of the indices of `sizes`, each as many items as fit in `max_tokens` (at least one).
+
+    A forward pass carries a token budget rather than a fixed number of pairs, so short pairs fill it as well
+    as long ones; the order is kept, so the gradient of a step is the same sum over the same pairs.
+    """
+    groups: list[list[int]] = []
+    filled = max_tokens  # forces a new group for the first item
+    for index, size in enumerate(sizes):
+        if filled + size > max_tokens:
+            groups.append([])
+            filled = 0
+        groups[-1].append(index)
+        filled += size
+    return groups

@@ -59,15 +59,17 @@ def cached_reference_logps(
     batch_size: int = 8,
     method: str = "padded",
     desc: str = "reference log-probs",
+    max_tokens: int | None = None,
 ) -> tuple[PairLogps, bool]:
-    """Reference log-probs of `pairs`, from the cache when the key matches; returns (logps, cache_hit)."""
+    """Reference log-probs of `pairs`, from the cache when the key matches; returns (logps, cache_hit).
+    Batches as `compute_logps` makes them (`batch_size` pairs, or up to `max_tokens` tokens)."""
     path = cache_dir / f"{cache_key(model, pairs, method)}.safetensors"
     if path.exists():
         tensors = load_file(path)
         return PairLogps(
             tensors["chosen"], tensors["rejected"], tensors["chosen_lengths"], tensors["rejected_lengths"]
         ), True
-    logps = compute_logps(model, pairs, logps_fn, batch_size, desc)
+    logps = compute_logps(model, pairs, logps_fn, batch_size, desc, max_tokens)
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".partial-{path.name}.{os.getpid()}")
     save_file(

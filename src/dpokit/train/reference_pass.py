@@ -19,7 +19,9 @@ from dpokit.train.run import Run
 def reference_pass(run: Run) -> None:
     """Fill `run.data.train_reference` and `run.data.eval_reference` as the reference mode asks."""
     config, data = run.config, run.data
-    batch_size = config.micro_batch_size * 2  # no gradients: twice the training micro-batch fits
+    # No gradients: twice the training forward pass fits.
+    batch_size = config.micro_batch_size * 2
+    max_tokens = 2 * run.micro_batch_tokens if run.micro_batch_tokens is not None else None
     if run.mode == "precompute":
         cache_dir = Path(config.cache_dir) / "reference"
         # Packed and chunked log-probs equal padded ones only up to float rounding, and autocast rounds
@@ -30,17 +32,19 @@ def reference_pass(run: Run) -> None:
         )
         with reference_context(run.policy, run.reference) as model:
             data.train_reference, hit = cached_reference_logps(
-                model, data.train, run.logps_fn, cache_dir, batch_size, method
+                model, data.train, run.logps_fn, cache_dir, batch_size, method, max_tokens=max_tokens
             )
             run.console.print(
                 f"reference log-probs of {len(data.train)} train pairs: {'cache hit' if hit else 'computed'}"
             )
             if data.eval:
                 data.eval_reference, _ = cached_reference_logps(
-                    model, data.eval, run.logps_fn, cache_dir, batch_size, method
+                    model, data.eval, run.logps_fn, cache_dir, batch_size, method, max_tokens=max_tokens
                 )
         run.reference = None  # every reference log-prob is on hand: free the weights before training
         gc.collect()
     elif run.mode == "live" and data.eval:
         with reference_context(run.policy, run.reference) as model:
-            data.eval_reference = compute_logps(model, data.eval, run.logps_fn, batch_size, "reference")
+            data.eval_reference = compute_logps(
+                model, data.eval, run.logps_fn, batch_size, "reference", max_tokens
+            )

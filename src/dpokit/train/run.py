@@ -30,6 +30,8 @@ from dpokit.packing import build_logps_fn
 from dpokit.reference.cache import pairs_fingerprint
 from dpokit.train.precision import Precision, resolve_precision
 
+GPU_MICRO_BATCH_TOKENS = 16384  # enough tokens per forward pass to keep a data-centre GPU's matmuls busy
+
 
 @dataclass
 class Datasets:
@@ -70,6 +72,15 @@ class Run:
     def mode(self) -> str:
         """The reference mode in force: precompute, live or none."""
         return self.config.resolved_reference_mode
+
+    @property
+    def micro_batch_tokens(self) -> int | None:
+        """Tokens per training forward pass; None: `micro_batch_size` pairs ('auto' is None on CPU, where
+        the fixed pair count is as fast, and GPU_MICRO_BATCH_TOKENS on a GPU)."""
+        tokens = self.config.micro_batch_tokens
+        if tokens == "auto":
+            return GPU_MICRO_BATCH_TOKENS if self.accelerator.device.type == "cuda" else None
+        return tokens
 
     @property
     def model(self) -> torch.nn.Module:

@@ -10,6 +10,7 @@ import time
 from contextlib import nullcontext
 from typing import Any
 
+from dpokit.data.batching import token_batches
 from dpokit.errors import DpokitError
 from dpokit.logprobs import PairLogps, select
 from dpokit.losses import chosen_nll
@@ -23,11 +24,15 @@ class NonFiniteStep(DpokitError):
 
 
 def micro_batches(run: Run, step: int) -> list[list[int]]:
-    """This process's pair indices for optimizer step `step` (0-based), cut into micro-batches."""
+    """This process's pair indices for optimizer step `step` (0-based), cut into forward passes of
+    `micro_batch_size` pairs, or of as many pairs as `micro_batch_tokens` tokens hold."""
     indices = step_indices(
         len(run.data.train), run.pairs_per_step, step, run.steps_per_epoch, run.config.seed
     )
     local = indices[run.accelerator.process_index :: run.accelerator.num_processes]
+    if run.micro_batch_tokens is not None:
+        groups = token_batches([run.data.train[i].num_tokens for i in local], run.micro_batch_tokens)
+        return [[local[j] for j in group] for group in groups]
     size = run.config.micro_batch_size
     return [local[i : i + size] for i in range(0, len(local), size)]
 
