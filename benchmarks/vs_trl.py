@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -169,8 +170,7 @@ def run_dpokit(spec: Spec, checkpointing: bool) -> dict:
         return model
 
     dpokit.train.run.load_model = timed_load_model
-    precision_setting = "precision" in RunConfig.model_fields
-    precision = {"precision": spec.precision} if spec.precision and precision_setting else {}
+    precision = {"precision": spec.precision} if spec.precision else {}
     with tempfile.TemporaryDirectory(prefix="dpokit-bench-run-") as tmp:
         config = RunConfig(
             model=spec.model_dir,
@@ -214,8 +214,7 @@ def run_dpokit(spec: Spec, checkpointing: bool) -> dict:
             step_s.append(clock(spec.device) - step_start)
             losses.append(record["loss"])
         end = clock(spec.device)
-        # The dtype the matmuls ran in, for the roof: float32 while dpokit has no precision setting.
-        dtype = run.precision.compute_dtype if precision_setting else torch.float32
+
         return {
             "wall_s": end - start,
             "wall_no_load_s": end - start - sum(loading),
@@ -228,7 +227,7 @@ def run_dpokit(spec: Spec, checkpointing: bool) -> dict:
             "pairs": len(run.data.train),
             "threads": torch.get_num_threads(),
             **peak_memory(spec.device),
-            **roof(spec.device, dtype),
+            **roof(spec.device, run.precision.compute_dtype),
         }
 
 
@@ -433,11 +432,16 @@ def print_report(results: dict[str, dict]) -> None:
 
 
 def main() -> None:
+    from dpokit.config import RunConfig
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--model", choices=("tiny", "1b", "smollm2"), default="tiny")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--precision", help="dpokit's RunConfig.precision (default: its default)")
+    precisions = typing.get_args(RunConfig.model_fields["precision"].annotation)
+    parser.add_argument(
+        "--precision", choices=precisions, help="dpokit's RunConfig.precision (default: auto)"
+    )
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16, help="pairs per optimizer step (effective batch)")
     parser.add_argument("--micro-batch", type=int, default=8, help="pairs per forward (TRL's default 8)")
@@ -465,11 +469,6 @@ def main() -> None:
         parser.error("--json is required")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
-    from dpokit.config import RunConfig
-
-    if args.precision not in (None, "fp32") and "precision" not in RunConfig.model_fields:
-        parser.error("--precision: this dpokit has no precision setting; it trains in fp32")
-
     lora = args.model == "smollm2"
     # --device cpu hides any GPU from the children, so that neither accelerate nor TRL picks it.
     env = {**os.environ, "TQDM_DISABLE": "1"} | ({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})
