@@ -1,0 +1,132 @@
+"""The `dpokit iterate` configuration: the on-policy loop's fields, with a nested `train:` RunConfig.
+
+The `train:` section is exactly a `dpokit train` config (the same fields and validation); the loop sets its
+`model`, `output_dir` and `reference_model` per round.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dpokit.config import RunConfig, _parse_override, range_warnings
+from dpokit.errors import DpokitError
+
+# Defaults of the nested train config that differ from `dpokit train`'s: the loop evaluates on its own
+# held-out prompts, so the preference eval set and the periodic samples of the demo are off unless asked.
+TRAIN_DEFAULTS = {"eval_data": None, "sample_prompts": None}
+
+
+class IterateConfig(BaseModel):
+    """Everything a `dpokit iterate` run needs. Field descriptions are the reference documentation."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    train: RunConfig = Field(
+        default_factory=lambda: RunConfig(**TRAIN_DEFAULTS),
+        description="The training of each round: a `dpokit train` config. `model` is the starting policy; "
+        "output_dir and reference_model are set per round. eval_data and sample_prompts default to null here.",
+    )
+    rounds: int = Field(3, ge=1, description="Rounds of generate -> judge -> pair -> train -> evaluate.")
+    prompts: str = Field(
+        description="Training prompts: a .txt file (one per line), or JSONL/JSON/Parquet/CSV rows with a "
+        "'prompt' field (a string or a list of {role, content} messages); builtin: names work too."
+    )
+    eval_prompts: str = Field(description="Held-out prompts for the per-round evaluation, same formats.")
+    prompts_per_round: int | None = Field(
+        None, ge=1, description="Use a seeded random subset of this many prompts each round; None: all."
+    )
+    backend: Literal["transformers"] = Field(
+        "transformers",
+        description="Generation backend: transformers `generate` (CPU or GPU). vLLM and OpenAI-compatible "
+        "servers are planned, not implemented.",
+    )
+    samples_per_prompt: int = Field(4, ge=2, description="k: answers sampled per prompt (at least 2).")
+    temperature: float = Field(
+        1.0, gt=0.0, description="Sampling temperature (1.0 samples the policy itself)."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 disables it.")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated per answer at most.")
+    generation_batch_size: int = Field(
+        16, ge=1, description="Prompts per `generate` call (each yields k sequences, so k x this rows)."
+    )
+    judge: str = Field(
+        "vader",
+        description="Scores each answer: 'vader' (sentiment in [-1, 1]), 'length' (characters), "
+        "'regex:PATTERN' (matches), 'keywords:a,b' (occurrences, case-insensitive), 'python:module:function' "
+        "(called with (prompts, answers), returns a float or None per answer), 'reward-model:DIR' "
+        "(an AutoModelForSequenceClassification checkpoint).",
+    )
+    pairing: Literal["best_vs_worst", "best_vs_random", "best_vs_second"] = Field(
+        "best_vs_worst", description="Which answer is rejected against the best one."
+    )
+    min_score_gap: float = Field(
+        0.0, ge=0.0, description="Keep a pair only when chosen - rejected >= this (ties are always dropped)."
+    )
+    hard_negative_fraction: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Keep only this fraction of the pairs: those with the smallest implicit-reward margin "
+        "beta*((pi-ref)(chosen) - (pi-ref)(rejected)) under the current policy. None keeps all.",
+    )
+    reference: Literal["initial", "previous"] = Field(
+        "initial",
+        description="The DPO reference of each round: the starting model (RLHFlow's choice) or the previous "
+        "round's policy.",
+    )
+    min_pairs: int = Field(8, ge=1, description="A round with fewer pairs than this stops the run.")
+    output_dir: str = Field("runs/iterate", description="Run directory: round-N/ folders and rounds.jsonl.")
+
+
+def _set(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key (train.beta) in nested mappings."""
+    *parents, last = key.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+        if not isinstance(data, dict):
+            raise DpokitError(f"override {key!r}: {part} is not a section")
+    data[last] = value
+
+
+def load_iterate_config(path: Path | None, overrides: list[str] = ()) -> IterateConfig:
+    """Read a YAML iterate config, apply key=value overrides (train.beta=0.2 for the train section),
+    validate, and warn on risky training values; errors are one line naming the field."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not path.exists():
+            raise DpokitError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise DpokitError(f"{path}: invalid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise DpokitError(f"{path}: expected a mapping of field: value")
+    for text in overrides:
+        _set(data, *_parse_override(text))
+    train = data.get("train", {})
+    if not isinstance(train, dict):
+        raise DpokitError(f"{path}: field 'train': expected a mapping of field: value")
+    data["train"] = {**TRAIN_DEFAULTS, **train}
+    try:
+        config = IterateConfig(**data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif first["type"] == "missing":
+            message = "required"
+        loc = ".".join(str(part) for part in first["loc"])
+        if loc and message.startswith("field '"):  # a nested config's own check already names its field
+            message = f"field '{loc}." + message.removeprefix("field '")
+        elif loc:
+            message = f"field '{loc}': {message}"
+        raise DpokitError(f"{path}: {message}" if path is not None else message) from None
+    for note in range_warnings(config.train):
+        warnings.warn(f"train: {note}", UserWarning, stacklevel=2)
+    return config

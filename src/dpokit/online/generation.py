@@ -1,0 +1,100 @@
+"""Answers from the current policy: k samples per prompt, batched, behind a small backend interface.
+
+`TransformersBackend` runs transformers `generate` (KV cache, left padding) on CPU or GPU. The interface is
+what a vLLM or OpenAI-compatible-server backend would implement; those are not written yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dpokit.data.rows import Text
+from dpokit.data.tokenize import _encode
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How answers are drawn. temperature None: greedy decoding (top_p unused)."""
+
+    max_new_tokens: int
+    temperature: float | None = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class Answer:
+    text: str  # decoded without special tokens
+    num_tokens: int  # generated tokens, the end-of-sequence token included
+
+
+class GenerationBackend(Protocol):
+    def generate(self, prompts: Sequence[Text], k: int, sampling: Sampling, seed: int) -> list[list[Answer]]:
+        """k answers for each prompt, in prompt order; the same seed gives the same answers."""
+        ...
+
+
+def training_prompt(prompt: Text, tokenizer: PreTrainedTokenizerBase) -> Text:
+    """The prompt as the pair rows will hold it: a string becomes a user message when the tokenizer has a chat
+    template, so the policy is sampled, and trained, on exactly the same prompt tokens (SPEC §7)."""
+    if isinstance(prompt, str) and tokenizer.chat_template:
+        return [{"role": "user", "content": prompt}]
+    return prompt
+
+
+def prompt_ids(prompt: Text, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Prompt token ids exactly as training computes them (chat template with the generation prompt)."""
+    return _encode(tokenizer, training_prompt(prompt, tokenizer), add_generation_prompt=True)
+
+
+@dataclass
+class TransformersBackend:
+    """transformers `generate` over left-padded batches of `batch_size` prompts (k sequences each)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    batch_size: int
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Text], k: int, sampling: Sampling, seed: int) -> list[list[Answer]]:
+        torch.manual_seed(seed)
+        self.model.eval()
+        answers: list[list[Answer]] = []
+        for start in tqdm(
+            range(0, len(prompts), self.batch_size), desc="generating", unit="batch", leave=False
+        ):
+            answers += self._batch(prompts[start : start + self.batch_size], k, sampling)
+        return answers
+
+    def _batch(self, prompts: Sequence[Text], k: int, sampling: Sampling) -> list[list[Answer]]:
+        pad_id = self.tokenizer.pad_token_id
+        stops = {self.tokenizer.eos_token_id, pad_id}
+        encoded = [prompt_ids(prompt, self.tokenizer) for prompt in prompts]
+        width = max(len(ids) for ids in encoded)
+        device = self.model.device
+        # Left padding: every prompt ends at the same column, so new tokens are appended right after it.
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in encoded], device=device)  # (B, P)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in encoded], device=device)  # (B, P)
+        sample = sampling.temperature is not None
+        extra = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0) if sample else {}
+        output = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sample,
+            num_return_sequences=k,
+            pad_token_id=pad_id,
+            **extra,
+        )  # (B * k, P + new), the k sequences of a prompt next to each other
+        rows = output[:, width:].tolist()
+        answers = []
+        for row in rows:
+            end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+            text = self.tokenizer.decode(row[:end], skip_special_tokens=True)
+            answers.append(Answer(text, end))
+        return [answers[i * k : (i + 1) * k] for i in range(len(prompts))]

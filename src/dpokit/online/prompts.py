@@ -1,0 +1,32 @@
+"""Read prompts for generation: a .txt file (one per line) or rows with a 'prompt' field, in training's formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dpokit.data.prepare import resolve_path
+from dpokit.data.reading import read_records
+from dpokit.data.rows import Text, _check_field
+from dpokit.errors import DpokitError, where
+
+
+def read_prompts(source: str) -> list[Text]:
+    """Prompts in file order, duplicates removed (a pairs file repeats a prompt once per pair).
+
+    A prompt is a string or a list of {role, content} messages; errors name the file, line and field.
+    """
+    path = Path(resolve_path(source))
+    if path.suffix.lower() == ".txt":
+        if not path.exists():
+            raise DpokitError(f"{path}: no such prompts file")
+        prompts: list[Text] = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    else:
+        prompts = []
+        for line, record in read_records(path):
+            if not isinstance(record, dict) or "prompt" not in record:
+                raise DpokitError(f"{where(path, line)}: expected a row with a 'prompt' field")
+            prompts.append(_check_field(record["prompt"], path, line, "prompt"))
+    unique = {repr(prompt): prompt for prompt in prompts if prompt}
+    if not unique:
+        raise DpokitError(f"{path}: no prompts")
+    return list(unique.values())
