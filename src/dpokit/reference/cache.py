@@ -20,17 +20,48 @@ from dpokit.atomic import publish_file
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logprobs import LogpsFn, PairLogps, compute_logps
 
+# Two (multiplier, offset) pairs: each tensor is summarised by two sums of its 32-bit words weighted by
+# (multiplier * position + offset), in int64 arithmetic that wraps modulo 2^64 — 128 bits in all.
+FINGERPRINT_WEIGHTS = ((0x1E3779B97F4A7C15, 0x632BE59BD9B4E019), (0x3C6EF372FE94F82B, 0x1B873593CC9E2D51))
+FINGERPRINT_CHUNK = 1 << 24  # words per chunk: bounds the int64 temporaries to a few hundred MB
+
+
+def tensor_fingerprint(tensor: torch.Tensor) -> torch.Tensor:
+    """(2,) int64 position-weighted sums of a tensor's bytes read as 32-bit words, computed on the tensor's
+    own device: a change of any byte changes them, and nothing is copied to the host."""
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    if data.numel() % 4:
+        data = torch.cat([data, data.new_zeros(4 - data.numel() % 4)])
+    words = data.view(torch.int32)
+    sums = torch.zeros(2, dtype=torch.int64, device=data.device)
+    for start in range(0, words.numel(), FINGERPRINT_CHUNK):
+        chunk = words[start : start + FINGERPRINT_CHUNK].to(torch.int64)
+        position = torch.arange(start, start + chunk.numel(), dtype=torch.int64, device=data.device)
+        for slot, (multiplier, offset) in enumerate(FINGERPRINT_WEIGHTS):
+            sums[slot] += (chunk * (position * multiplier + offset)).sum()
+    return sums
+
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of the reference weights: names, dtypes, shapes and bytes; LoRA adapter weights are left out
-    because the reference runs with adapters disabled."""
+    """Hash of the reference weights: names, dtypes, shapes and every tensor's bytes; LoRA adapter weights are
+    left out because the reference runs with adapters disabled.
+
+    CPU tensors are hashed in place (blake2b over a zero-copy view: fastest there); tensors on an
+    accelerator are fingerprinted where they live and read back once, since copying a 1B model to the host
+    to hash it took seconds. The device kind is part of the key: the log-probs round differently there too.
+    """
+    named = [(name, t) for name, t in sorted(model.state_dict().items()) if "lora_" not in name]
+    on_device = [tensor_fingerprint(t) for _, t in named if t.device.type != "cpu"]
+    device_values = iter(
+        torch.stack([v.to(on_device[0].device) for v in on_device]).tolist() if on_device else []
+    )
     digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        if "lora_" in name:
-            continue
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    for name, tensor in named:
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:{tensor.device.type}".encode())
+        if tensor.device.type != "cpu":
+            digest.update(str(next(device_values)).encode())
+        elif tensor.numel():
+            digest.update(tensor.detach().contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
