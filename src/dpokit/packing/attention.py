@@ -5,7 +5,8 @@ cannot skip the blocks it masks out. Running each segment as its own causal SDPA
 instead. With a shared prompt, the chosen answer runs with the prompt as one causal block; the rejected answer
 runs as the causal block [prompt, rejected], whose prompt rows (recomputed, identical) are dropped.
 
-The kernel is registered with transformers' AttentionInterface and switched on only around a packed forward.
+The kernel is registered with transformers' AttentionInterface and switched on only around a packed forward
+(`packed_attention`). On CUDA, packing/flex.py's one-call-per-layer FlexAttention kernel replaces it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-SEGMENT_ATTENTION = "dpokit_segments"
+SEGMENT_KERNEL = "dpokit_segments"
 
 
 def segment_sdpa(
@@ -52,15 +53,16 @@ def segment_sdpa(
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(SEGMENT_ATTENTION, segment_sdpa)
+AttentionInterface.register(SEGMENT_KERNEL, segment_sdpa)
 
 
 @contextlib.contextmanager
-def segment_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Route `model`'s attention through `segment_sdpa` inside the block, and back after it (not for models
-    with activation checkpointing: their backward reruns the forward after the block)."""
+def packed_attention(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Route `model`'s attention through the registered kernel `name` (SEGMENT_KERNEL, or FLEX_KERNEL of
+    packing/flex.py) inside the block, and back after it (not for models with activation checkpointing: their
+    backward reruns the forward after the block)."""
     previous = model.config._attn_implementation
-    model.set_attn_implementation(SEGMENT_ATTENTION)
+    model.set_attn_implementation(name)
     try:
         yield
     finally:

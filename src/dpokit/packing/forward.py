@@ -16,7 +16,8 @@ import torch
 
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logprobs import LogpsFn, PairLogps, padded_pair_logps
-from dpokit.packing.attention import segment_attention
+from dpokit.packing import flex
+from dpokit.packing.attention import SEGMENT_KERNEL, packed_attention
 from dpokit.packing.chunked import DEFAULT_CHUNK_SIZE, chunked_token_logps, dense_token_logps
 from dpokit.packing.layout import layout_pairs
 
@@ -24,7 +25,10 @@ from dpokit.packing.layout import layout_pairs
 # given, and the logits are the output layer applied to the decoder's output. Not so, and so left out: ALiBi
 # (mpt, bloom), state-space layers (jamba, falcon_h1), logit soft-capping (gemma2) or scaling (cohere, granite).
 PACKING_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "smollm3"})
-SEGMENT_ATTENTION = frozenset({"sdpa"})  # run one SDPA call per segment (packing/attention.py)
+SEGMENT_ATTENTION = frozenset({"sdpa"})  # replaced by a kernel of ours: one call per segment, or flex below
+# Device types where that kernel is one FlexAttention call per layer (packing/flex.py), compiled. On CPU flex
+# runs eagerly, materialising the scores, and one SDPA call per segment is faster.
+FLEX_DEVICES = frozenset({"cuda"})
 MASK_ATTENTION = frozenset({"sdpa", "eager"})  # take the 4-D mask as is
 VARLEN_ATTENTION = frozenset({"flash_attention_2", "flash_attention_3"})  # packing from position ids only
 
@@ -36,16 +40,21 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def attention_mode(model: torch.nn.Module, row_length: int) -> str:
-    """How packed rows reach attention: 'segments' (SDPA per segment), 'mask' (a 4-D mask), 'position_ids'
-    (varlen kernels, no shared prompt), or 'padded' (not verified for this model: the padded reference path)."""
-    config = base_model(model).config
+    """How packed rows reach attention: 'flex' (one FlexAttention call per layer, a block mask), 'segments'
+    (SDPA per segment), 'mask' (a 4-D mask), 'position_ids' (varlen kernels, no shared prompt), or 'padded' (not
+    verified for this model: the padded reference path). The one place where the packed kernel is chosen."""
+    base = base_model(model)
+    config = base.config
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     if config.model_type not in PACKING_FAMILIES or (window is not None and row_length > window):
         return "padded"  # a 4-D mask replaces the sliding-window mask, exact only while rows fit the window
-    # Checkpointing reruns the forward in backward, after segment_attention has switched back: it must meet
+    # Checkpointing reruns the forward in backward, after packed_attention has switched back: it must meet
     # the same kernel there, so checkpointed models take the mask.
-    if config._attn_implementation in SEGMENT_ATTENTION and not base_model(model).is_activation_checkpointing:
-        return "segments"
+    if config._attn_implementation in SEGMENT_ATTENTION and not base.is_activation_checkpointing:
+        device = base.get_input_embeddings().weight.device
+        # flex_attention has no dropout; the per-segment SDPA calls do.
+        flex_fits = flex.flex_attention is not None and not getattr(config, "attention_dropout", 0.0)
+        return "flex" if flex_fits and device.type in FLEX_DEVICES else "segments"
     if config._attn_implementation in MASK_ATTENTION:
         return "mask"
     return "position_ids" if config._attn_implementation in VARLEN_ATTENTION else "padded"
@@ -105,7 +114,10 @@ def packed_pair_logps(
         )
     if mode == "segments":
         inputs["packed_spans"] = batch.spans
-    with segment_attention(base) if mode == "segments" else nullcontext():
+    if mode == "flex":
+        inputs["packed_block_mask"] = flex.packed_block_mask(batch)  # built once, used by every layer
+    kernel = {"segments": SEGMENT_KERNEL, "flex": flex.FLEX_KERNEL}.get(mode)
+    with packed_attention(base, kernel) if kernel else nullcontext():
         hidden = final_hidden_states(model, **inputs)  # (R, T, H)
     hidden = hidden.flatten(0, 1)[batch.sources]  # (N, H): the states that predict answer tokens
     if chunk_size is None:
