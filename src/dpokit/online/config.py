@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dpokit.config import RunConfig, _parse_override, range_warnings
 from dpokit.errors import DpokitError
@@ -81,6 +81,14 @@ class IterateConfig(BaseModel):
     )
     min_pairs: int = Field(8, ge=1, description="A round with fewer pairs than this stops the run.")
     output_dir: str = Field("runs/iterate", description="Run directory: round-N/ folders and rounds.jsonl.")
+
+    @model_validator(mode="after")
+    def _check(self) -> IterateConfig:
+        if self.reference == "previous" and self.train.reference_model is not None:
+            raise ValueError(
+                "field 'reference': 'previous' refreshes the reference every round; remove train.reference_model"
+            )
+        return self
 
 
 def _set(data: dict[str, Any], key: str, value: Any) -> None:

@@ -1,0 +1,298 @@
+"""The on-policy loop: each round generates, judges, pairs, trains and evaluates, each stage saved atomically.
+
+dpokit iterate my-iterate.yaml                 # R rounds into output_dir
+dpokit iterate my-iterate.yaml --resume        # continue from the last finished stage
+
+From Python: `iterate(load_iterate_config(Path("my-iterate.yaml")))`. Layout of RUN_DIR:
+  round-N/generations.jsonl  k answers per prompt          (generation)
+  round-N/samples.jsonl      the same with judge scores    (judging)
+  round-N/report.json, pairs.jsonl                          (pairing)
+  round-N/train/             a `dpokit train` run directory (training; LoRA adapters merged into round-N/policy)
+  round-N/eval_samples.jsonl, one line of rounds.jsonl     (evaluation; round 0 is the starting policy)
+A stage whose output exists is never run again.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from dpokit.atomic import write_atomic
+from dpokit.data.rows import Text
+from dpokit.errors import DpokitError
+from dpokit.models.loading import load_adapter, load_model, load_tokenizer
+from dpokit.online.config import IterateConfig
+from dpokit.online.evaluation import kl_estimate, summarize
+from dpokit.online.generation import Sampling, TransformersBackend
+from dpokit.online.judges import Judge, build_judge
+from dpokit.online.models import inference_device, load_frozen, preference_row, row_logps
+from dpokit.online.pairs import DROP_GAP, DROP_JUDGE, DROP_MINING, hard_negatives, implicit_margins, pick_pair
+from dpokit.online.prompts import read_prompts
+from dpokit.train.output import save_final
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    write_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+@dataclass
+class Loop:
+    """What every stage of every round shares."""
+
+    config: IterateConfig
+    run_dir: Path
+    console: Console
+
+    @cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.config.train.model, self.config.train.trust_remote_code)
+
+    @cached_property
+    def judge(self) -> Judge:
+        return build_judge(self.config.judge, inference_device())
+
+    @cached_property
+    def train_prompts(self) -> list[Text]:
+        return read_prompts(self.config.prompts)
+
+    @cached_property
+    def eval_prompts(self) -> list[Text]:
+        return read_prompts(self.config.eval_prompts)
+
+    def round_dir(self, n: int) -> Path:
+        return self.run_dir / f"round-{n}"
+
+    def policy(self, n: int) -> str:
+        """The policy after round n: the starting model for n = 0; LoRA adapters merged into a full model."""
+        if n == 0:
+            return self.config.train.model
+        return str(self.round_dir(n) / ("policy" if self.config.train.use_lora else "train/final"))
+
+    def reference(self, n: int) -> str:
+        """The DPO reference of round n."""
+        if self.config.reference == "previous":
+            return self.policy(n - 1)
+        return self.config.train.reference_model or self.config.train.model
+
+    def trained(self, n: int) -> bool:
+        return Path(self.policy(n)).exists()
+
+    def sampling(self) -> Sampling:
+        c = self.config
+        return Sampling(c.max_new_tokens, c.temperature, c.top_p)
+
+    def generate(self, model_name: str, prompts: list[Text], k: int, seed: int) -> list[list]:
+        backend = TransformersBackend(
+            load_frozen(model_name, self.config.train), self.tokenizer, self.config.generation_batch_size
+        )
+        return backend.generate(prompts, k, self.sampling(), seed)
+
+
+def generate_stage(loop: Loop, n: int) -> None:
+    """k answers per training prompt (a seeded subset of prompts_per_round) from the policy of round n-1."""
+    config = loop.config
+    prompts = loop.train_prompts
+    if config.prompts_per_round is not None and config.prompts_per_round < len(prompts):
+        keep = sorted(
+            random.Random(config.train.seed + n).sample(range(len(prompts)), config.prompts_per_round)
+        )
+        prompts = [prompts[i] for i in keep]
+    answers = loop.generate(loop.policy(n - 1), prompts, config.samples_per_prompt, config.train.seed + n)
+    records = [
+        {"prompt": p, "answers": [a.text for a in group], "num_tokens": [a.num_tokens for a in group]}
+        for p, group in zip(prompts, answers)
+    ]
+    write_jsonl(loop.round_dir(n) / "generations.jsonl", records)
+
+
+def judge_stage(loop: Loop, n: int) -> None:
+    """Score every answer; samples.jsonl holds the generations with their scores (null: the judge failed)."""
+    records = read_jsonl(loop.round_dir(n) / "generations.jsonl")
+    prompts = [r["prompt"] for r in records for _ in r["answers"]]
+    scores = iter(loop.judge.score(prompts, [a for r in records for a in r["answers"]]))
+    for record in records:
+        record["scores"] = [next(scores) for _ in record["answers"]]
+    write_jsonl(loop.round_dir(n) / "samples.jsonl", records)
+
+
+def pair_stage(loop: Loop, n: int) -> None:
+    """Pairs by the configured rule, hard-negative mining when asked; report.json says what was dropped and why.
+
+    Fewer than min_pairs pairs stop the run (report.json is written, pairs.jsonl is not).
+    """
+    config, directory = loop.config, loop.round_dir(n)
+    samples = read_jsonl(directory / "samples.jsonl")
+    rng = random.Random(config.train.seed + n)
+    dropped = {DROP_JUDGE: 0, DROP_GAP: 0, DROP_MINING: 0}
+    pairs = []
+    for record in samples:
+        picked = pick_pair(record["scores"], config.pairing, config.min_score_gap, rng)
+        if isinstance(picked, str):
+            dropped[picked] += 1
+            continue
+        chosen, rejected = picked
+        row = preference_row(
+            record["prompt"], record["answers"][chosen], record["answers"][rejected], loop.tokenizer
+        )
+        pairs.append(
+            {**row, "score_chosen": record["scores"][chosen], "score_rejected": record["scores"][rejected]}
+        )
+    if config.hard_negative_fraction is not None and pairs:
+        margins = pair_margins(loop, n, pairs)
+        keep = hard_negatives(margins, config.hard_negative_fraction)
+        dropped[DROP_MINING] = len(pairs) - len(keep)
+        pairs = [{**pairs[i], "margin": margins[i].item()} for i in keep]
+    report = {
+        "round": n,
+        "prompts": len(samples),
+        "answers": sum(len(r["answers"]) for r in samples),
+        "judge_failed_answers": sum(s is None for r in samples for s in r["scores"]),
+        "pairs": len(pairs),
+        "dropped": dropped,
+    }
+    write_atomic(directory / "report.json", json.dumps(report, indent=2))
+    loop.console.print(
+        f"round {n}: {len(pairs)} of {len(samples)} prompts gave a pair; dropped "
+        + ", ".join(f"{count} {reason}" for reason, count in dropped.items())
+        + f"; {report['judge_failed_answers']} answers the judge failed on"
+    )
+    if len(pairs) < config.min_pairs:
+        raise DpokitError(
+            f"round {n}: {len(pairs)} pairs, fewer than min_pairs={config.min_pairs} "
+            f"(dropped: {', '.join(f'{c} {r}' for r, c in dropped.items())}); see {directory / 'report.json'}"
+        )
+    write_jsonl(directory / "pairs.jsonl", pairs)
+
+
+def pair_margins(loop: Loop, n: int, pairs: list[dict]):
+    """Implicit-reward margins (N,) of the pairs under the policy of round n-1 against round n's reference."""
+    rows = [{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in pairs]
+    batch = loop.config.generation_batch_size
+    policy = load_frozen(loop.policy(n - 1), loop.config.train)
+    reference_name = loop.reference(n)
+    reference = (
+        policy if reference_name == loop.policy(n - 1) else load_frozen(reference_name, loop.config.train)
+    )
+    return implicit_margins(
+        row_logps(policy, loop.tokenizer, rows, batch),
+        row_logps(reference, loop.tokenizer, rows, batch),
+        loop.config.train.resolved_beta,
+    )
+
+
+def train_stage(loop: Loop, n: int) -> None:
+    """Train round n on its pairs through `dpokit train`'s own function; LoRA adapters are then merged into a
+    full model, round n+1's starting policy (training from an adapter directory is not supported by
+    train's load_policy yet)."""
+    from dpokit.train.loop import train
+
+    config, directory = loop.config, loop.round_dir(n)
+    start = loop.policy(n - 1)
+    # Round 1's reference is its own starting model (adapters disabled, or the frozen copy `train` makes).
+    reference = loop.reference(n)
+    run_config = config.train.model_copy(
+        update={
+            "model": start,
+            "output_dir": str(directory / "train"),
+            "reference_model": None if reference == start else reference,
+        }
+    )
+    final = directory / "train" / "final"
+    if not final.exists():
+        rows = [
+            {key: pair[key] for key in ("prompt", "chosen", "rejected")}
+            for pair in read_jsonl(directory / "pairs.jsonl")
+        ]
+        train(run_config, resume=True, console=loop.console, train_rows=rows)
+    if config.train.use_lora:
+        merged = load_adapter(str(final), load_model(start, trust_remote_code=config.train.trust_remote_code))
+        save_final(merged.merge_and_unload(), loop.tokenizer, directory / "policy")
+
+
+def evaluate_stage(loop: Loop, n: int) -> dict[str, Any]:
+    """Held-out evaluation of the policy after round n; writes round-n/eval_samples.jsonl, returns the record."""
+    config, directory = loop.config, loop.round_dir(n)
+    prompts = loop.eval_prompts
+    policy = load_frozen(loop.policy(n), config.train)
+    backend = TransformersBackend(policy, loop.tokenizer, config.generation_batch_size)
+    answers = [group[0] for group in backend.generate(prompts, 1, loop.sampling(), config.train.seed)]
+    texts = [a.text for a in answers]
+    scores = loop.judge.score(prompts, texts)
+    reference_scores = (
+        scores if n == 0 else [r["score"] for r in read_jsonl(loop.round_dir(0) / "eval_samples.jsonl")]
+    )
+    initial = policy if n == 0 else load_frozen(config.train.model, config.train)
+    kl = kl_estimate(policy, initial, loop.tokenizer, prompts, texts, config.generation_batch_size)
+    records = [
+        {"prompt": p, "text": a.text, "num_tokens": a.num_tokens, "score": s}
+        for p, a, s in zip(prompts, answers, scores)
+    ]
+    directory.mkdir(parents=True, exist_ok=True)
+    write_jsonl(directory / "eval_samples.jsonl", records)
+    record = summarize(n, scores, [a.num_tokens for a in answers], kl, reference_scores)
+    if n > 0:
+        report = json.loads((directory / "report.json").read_text())
+        record.update(pairs=report["pairs"], prompts=report["prompts"], dropped=report["dropped"])
+    return record
+
+
+def iterate(config: IterateConfig, resume: bool = False, console: Console | None = None) -> Path:
+    """Run (or, with resume, continue) the on-policy loop; returns the run directory."""
+    console = console or Console(stderr=True)
+    run_dir = Path(config.output_dir)
+    log = run_dir / "rounds.jsonl"
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise DpokitError(
+            f"{run_dir}: already holds a run; pass --resume to continue it or choose another output_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
+    loop = Loop(config, run_dir, console)
+    records = read_jsonl(log) if log.exists() else []
+    for n in range(config.rounds + 1):
+        if n > 0:
+            directory = loop.round_dir(n)
+            directory.mkdir(exist_ok=True)
+            if not (directory / "generations.jsonl").exists():
+                generate_stage(loop, n)
+            if not (directory / "samples.jsonl").exists():
+                judge_stage(loop, n)
+            if not (directory / "pairs.jsonl").exists():
+                pair_stage(loop, n)
+            if not loop.trained(n):
+                train_stage(loop, n)
+        if n >= len(records):
+            records.append(evaluate_stage(loop, n))
+            write_jsonl(log, records)
+            console.print(
+                f"round {n}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in records[-1].items() if k != "round")
+            )
+    console.print(rounds_table(records))
+    return run_dir
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def rounds_table(records: list[dict[str, Any]]) -> Table:
+    """The console table of rounds.jsonl."""
+    columns = ("round", "reward_mean", "reward_std", "kl", "length_mean", "win_rate_vs_reference", "pairs")
+    table = Table(title="on-policy rounds")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for record in records:
+        table.add_row(*(_fmt(record.get(column, "")) for column in columns))
+    return table

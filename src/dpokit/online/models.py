@@ -1,0 +1,50 @@
+"""Models the on-policy loop runs without training them: the policy of a round, the reference, for
+generation and log-probs. Precision comes from the train section, as in `dpokit train`."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dpokit.config import RunConfig
+from dpokit.data.rows import PreferenceRow, Text
+from dpokit.data.tokenize import tokenize_rows
+from dpokit.logprobs import PairLogps, compute_logps, padded_pair_logps
+from dpokit.models.loading import load_model
+from dpokit.online.generation import training_prompt
+from dpokit.train.precision import resolve_precision
+
+
+def inference_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_frozen(name: str, train: RunConfig) -> PreTrainedModel:
+    """A model for generation and log-probs: eval mode, no gradients, in the precision's frozen dtype."""
+    device = inference_device()
+    dtype = resolve_precision(train.precision, device).frozen_dtype
+    return load_model(name, dtype, train.trust_remote_code).to(device).eval().requires_grad_(False)
+
+
+def preference_row(prompt: Text, chosen: str, rejected: str, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """A training row for two generated answers, in the form generation used: conversational (the answers as
+    assistant messages) when the prompt was rendered with the chat template, else standard strings."""
+    prompt = training_prompt(prompt, tokenizer)
+    if isinstance(prompt, list):
+        return {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def row_logps(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict], batch_size: int
+) -> PairLogps:
+    """Summed answer log-probs of preference rows under `model`, tokenized exactly as training does."""
+    pairs = tokenize_rows(tokenizer, [PreferenceRow(**row, line=i) for i, row in enumerate(rows)], None).pairs
+    logps_fn = partial(padded_pair_logps, pad_token_id=tokenizer.pad_token_id)
+    return compute_logps(model, pairs, logps_fn, batch_size, "log-probs")
