@@ -4,6 +4,7 @@ dpokit train                              # built-in demo (SmolLM2-135M + LoRA, 
 dpokit train my.yaml beta=0.2 --resume    # your config with overrides, continuing a run
 dpokit eval --policy runs/dpokit/final --data pairs.jsonl --json metrics.json
 dpokit export runs/dpokit --merge --out merged/
+dpokit iterate my-iterate.yaml --resume   # on-policy DPO, round after round (docs/iterate.md)
 """
 
 from __future__ import annotations
@@ -211,6 +212,29 @@ def report(
         report_command(run_dir, out, console=console)
     except DpokitError as error:
         _fail(error)
+
+
+@app.command()
+def iterate(
+    config: Annotated[Path, typer.Argument(help="YAML iterate config (see docs/iterate.md).")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides; train.KEY=value for the train section")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last finished stage of the last round.")
+    ] = False,
+) -> None:
+    """On-policy DPO: R rounds of generate, judge, pair, train and evaluate (RUN_DIR/rounds.jsonl)."""
+    from dpokit.online.config import load_iterate_config
+    from dpokit.online.loop import iterate as run_iterate
+
+    try:
+        run_dir = run_iterate(
+            load_iterate_config(config, list(overrides or [])), resume=resume, console=console
+        )
+    except DpokitError as error:
+        _fail(error)
+    console.print(f"done: {run_dir}/rounds.jsonl")
 
 
 if __name__ == "__main__":

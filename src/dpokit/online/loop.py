@@ -54,22 +54,13 @@ class Loop:
     config: IterateConfig
     run_dir: Path
     console: Console
+    judge: Judge
+    train_prompts: list[Text]
+    eval_prompts: list[Text]
 
     @cached_property
     def tokenizer(self):
         return load_tokenizer(self.config.train.model, self.config.train.trust_remote_code)
-
-    @cached_property
-    def judge(self) -> Judge:
-        return build_judge(self.config.judge, inference_device())
-
-    @cached_property
-    def train_prompts(self) -> list[Text]:
-        return read_prompts(self.config.prompts)
-
-    @cached_property
-    def eval_prompts(self) -> list[Text]:
-        return read_prompts(self.config.eval_prompts)
 
     def round_dir(self, n: int) -> Path:
         return self.run_dir / f"round-{n}"
@@ -257,9 +248,13 @@ def iterate(config: IterateConfig, resume: bool = False, console: Console | None
         raise DpokitError(
             f"{run_dir}: already holds a run; pass --resume to continue it or choose another output_dir"
         )
+    # Bad prompt files and judges fail now, not in round 1.
+    prompts, eval_prompts = read_prompts(config.prompts), read_prompts(config.eval_prompts)
+    loop = Loop(
+        config, run_dir, console, build_judge(config.judge, inference_device()), prompts, eval_prompts
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
-    loop = Loop(config, run_dir, console)
     records = read_jsonl(log) if log.exists() else []
     for n in range(config.rounds + 1):
         if n > 0:
