@@ -149,6 +149,14 @@ def test_attention_dropout_keeps_the_segment_kernel(flex_on_cpu) -> None:
     assert attention_mode(model, row_length=64) == "segments"
 
 
+def test_checkpointed_models_take_the_mask(flex_on_cpu) -> None:
+    """Checkpointing reruns each layer's forward in backward, after packed_attention has switched the model back
+    to SDPA, which would ignore the block mask: as with the segment kernel, such models take the 4-D mask."""
+    model = llama().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert attention_mode(model, row_length=64) == "mask"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention needs a CUDA device")
 @pytest.mark.parametrize("share_prompt", [False, True])
 def test_compiled_flex_on_cuda_equals_padded(pairs, share_prompt) -> None:

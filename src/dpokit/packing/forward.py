@@ -48,8 +48,9 @@ def attention_mode(model: torch.nn.Module, row_length: int) -> str:
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     if config.model_type not in PACKING_FAMILIES or (window is not None and row_length > window):
         return "padded"  # a 4-D mask replaces the sliding-window mask, exact only while rows fit the window
-    # Checkpointing reruns the forward in backward, after packed_attention has switched back: it must meet
-    # the same kernel there, so checkpointed models take the mask.
+    # Checkpointing reruns the forward in backward, after packed_attention has switched back to SDPA, which
+    # ignores packed_spans and packed_block_mask: it must meet the same kernel there, so checkpointed models take
+    # the mask (the per-segment and the flex kernel alike).
     if config._attn_implementation in SEGMENT_ATTENTION and not base.is_activation_checkpointing:
         device = base.get_input_embeddings().weight.device
         # flex_attention has no dropout; the per-segment SDPA calls do.
