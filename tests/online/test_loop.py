@@ -39,6 +39,7 @@ def iterate_config(tmp_path: Path, model: Path, *overrides: str):
             "train.effective_batch_size=2",
             "train.micro_batch_size=2",
             "train.max_steps=1",
+            "train.warmup_ratio=0",  # one step that moves the weights (warmup would make its LR 0)
             "train.save_every=0",
             "train.report_to=[]",
             f"train.cache_dir={tmp_path / 'cache'}",
@@ -56,6 +57,7 @@ def test_two_rounds_end_to_end(tmp_path, tiny_model_dir) -> None:
     assert (
         records[0]["kl"] == 0.0 and records[0]["win_rate_vs_reference"] == 0.5
     )  # the policy is the reference
+    assert records[1]["kl"] != 0.0 and records[2]["kl"] != records[1]["kl"]  # each round moved the policy
     for record in records:
         assert set(record) >= {"reward_mean", "reward_std", "kl", "length_mean", "win_rate_vs_reference"}
     for n in (1, 2):
@@ -130,3 +132,13 @@ def test_resume_after_a_crash_redoes_nothing_finished(tmp_path, tiny_model_dir, 
         json.loads(line)["round"] for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()
     ]
     assert rounds == [0, 1, 2]
+
+    # The interrupted and resumed run equals an uninterrupted one: same samples, pairs and rounds.jsonl.
+    whole = online_loop.iterate(config.model_copy(update={"output_dir": str(tmp_path / "whole")}))
+    for name in (
+        "rounds.jsonl",
+        "round-1/samples.jsonl",
+        "round-2/pairs.jsonl",
+        "round-2/eval_samples.jsonl",
+    ):
+        assert (whole / name).read_text() == (tmp_path / "run" / name).read_text(), name
