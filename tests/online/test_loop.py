@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,20 @@ def iterate_config(tmp_path: Path, model: Path, *overrides: str):
     )
 
 
+def test_policy_and_reference_of_each_round(tmp_path) -> None:
+    (tmp_path / "p.txt").write_text("Review a film.\n")
+    base = ["prompts=p.txt", "eval_prompts=p.txt", "train.model=start", f"output_dir={tmp_path}"]
+    lora = online_loop.Loop(load_iterate_config(None, base), tmp_path, None, None, [], [])
+    assert [lora.policy(n) for n in (0, 2)] == ["start", str(tmp_path / "round-2" / "policy")]
+    assert [lora.reference(n) for n in (1, 3)] == ["start", "start"]
+    full = load_iterate_config(None, [*base, "train.use_lora=false", "reference=previous"])
+    previous = online_loop.Loop(full, tmp_path, None, None, [], [])
+    assert previous.policy(1) == str(tmp_path / "round-1" / "train" / "final")
+    assert [previous.reference(n) for n in (1, 3)] == ["start", str(tmp_path / "round-2" / "train" / "final")]
+    with pytest.raises(DpokitError, match="field 'reference': 'previous' refreshes"):
+        load_iterate_config(None, [*base, "reference=previous", "train.reference_model=other"])
+
+
 @pytest.mark.slow
 def test_two_rounds_end_to_end(tmp_path, tiny_model_dir) -> None:
     config = iterate_config(tmp_path, tiny_model_dir, "hard_negative_fraction=0.5")
@@ -70,6 +85,8 @@ def test_two_rounds_end_to_end(tmp_path, tiny_model_dir) -> None:
         assert report["pairs"] == len(pairs) == records[n]["pairs"]
         assert report["pairs"] + sum(report["dropped"].values()) == len(PROMPTS)
         assert all(p["score_chosen"] > p["score_rejected"] for p in pairs)
+        mined = report["dropped"]["hard_negative_mining"]
+        assert len(pairs) == math.ceil(0.5 * (len(pairs) + mined)) and all("margin" in p for p in pairs)
         assert (directory / "train" / "final" / "adapter_config.json").exists()
         assert (directory / "policy" / "model.safetensors").exists()
     # Round 2 trained from round 1's merged policy against the initial model.

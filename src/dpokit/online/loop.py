@@ -84,12 +84,6 @@ class Loop:
         c = self.config
         return Sampling(c.max_new_tokens, c.temperature, c.top_p)
 
-    def generate(self, model_name: str, prompts: list[Text], k: int, seed: int) -> list[list]:
-        backend = TransformersBackend(
-            load_frozen(model_name, self.config.train), self.tokenizer, self.config.generation_batch_size
-        )
-        return backend.generate(prompts, k, self.sampling(), seed)
-
 
 def generate_stage(loop: Loop, n: int) -> None:
     """k answers per training prompt (a seeded subset of prompts_per_round) from the policy of round n-1."""
@@ -100,7 +94,9 @@ def generate_stage(loop: Loop, n: int) -> None:
             random.Random(config.train.seed + n).sample(range(len(prompts)), config.prompts_per_round)
         )
         prompts = [prompts[i] for i in keep]
-    answers = loop.generate(loop.policy(n - 1), prompts, config.samples_per_prompt, config.train.seed + n)
+    policy = load_frozen(loop.policy(n - 1), config.train)
+    backend = TransformersBackend(policy, loop.tokenizer, config.generation_batch_size)
+    answers = backend.generate(prompts, config.samples_per_prompt, loop.sampling(), config.train.seed + n)
     records = [
         {"prompt": p, "answers": [a.text for a in group], "num_tokens": [a.num_tokens for a in group]}
         for p, group in zip(prompts, answers)
