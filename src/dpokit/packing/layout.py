@@ -97,8 +97,16 @@ class PackedBatch:
     spans: list[tuple[int, int, int, int, int]]
 
     def to(self, device: torch.device) -> PackedBatch:
-        tensors = {name: t.to(device) for name, t in vars(self).items() if isinstance(t, torch.Tensor)}
+        """The batch on `device`; to a GPU through pinned memory and asynchronous copies, so the host goes on
+        (laying out the next micro-batch) while the copy runs."""
+        if device.type == "cuda":
+            tensors = {name: t.pin_memory().to(device, non_blocking=True) for name, t in self.tensors().items()}
+        else:
+            tensors = {name: t.to(device) for name, t in self.tensors().items()}
         return PackedBatch(**tensors, spans=self.spans)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: t for name, t in vars(self).items() if isinstance(t, torch.Tensor)}
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """(R, 1, T, T) mask: bool (True = attend) for SDPA, or additive float (0 / dtype min) for eager.
