@@ -38,8 +38,9 @@ class ChunkedLinearLogps(torch.autograd.Function):
 
     Forward saves only the inputs and each token's logsumexp (N,). With p = softmax(logits) and upstream
     gradient g (N,), d logp / d logits = onehot(target) - p, so backward recomputes p per chunk and forms
-        grad_h = g * (W[target] - p @ W)        grad_W = onehot^T (g h) - p^T (g h)        grad_b = ...
-    where the one-hot terms are row gathers and index_adds: the (C, V) tile is only ever exponentiated in place.
+        grad_h = -g * ((p - onehot) @ W)        grad_W = -(p - onehot)^T (g h)        grad_b = -(p - onehot)^T g
+    where p - onehot is formed in the (C, V) tile in place (one element per row), so each gradient is a single
+    matmul and the tile is only ever modified in place.
     """
 
     @staticmethod
@@ -82,13 +83,16 @@ class ChunkedLinearLogps(torch.autograd.Function):
             end = start + ctx.chunk_size
             h, g, t = hidden[start:end], grad_logps[start:end, None], targets[start:end]
             probs = _project(h, weight, bias, tile).sub_(lse[start:end, None]).exp_()  # softmax, (C, V)
+            # p - onehot(target) in place: one element per row, so no two writes meet (index_add_ into the
+            # weight rows of repeated targets needed atomics on a GPU). Then every gradient is one matmul.
+            rows = torch.arange(probs.shape[0], device=probs.device)
+            probs[rows, t] -= 1.0  # (C, V) = -d logp / d logits
             if need_hidden:
-                grad_hidden[start:end] = (g * (weight[t].float() - probs @ weight.float())).to(hidden.dtype)
+                grad_hidden[start:end] = (probs @ weight.float()).mul_(-g).to(hidden.dtype)
             if need_weight:
-                gh = g * h.float()  # (C, H)
-                grad_weight.addmm_(probs.t(), gh, alpha=-1.0).index_add_(0, t, gh)
+                grad_weight.addmm_(probs.t(), g * h.float(), alpha=-1.0)  # (V, H)
             if need_bias:
-                grad_bias.addmv_(probs.t(), g.squeeze(1), alpha=-1.0).index_add_(0, t, g.squeeze(1))
+                grad_bias.addmv_(probs.t(), g.squeeze(1), alpha=-1.0)
         return (
             grad_hidden,
             grad_weight.to(weight.dtype) if need_weight else None,
