@@ -278,3 +278,35 @@ def test_lora_run_trains_only_adapters_and_checkpointing_changes_nothing(
     assert json.loads((run_dir / "final" / "adapter_config.json").read_text())["r"] == 4
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
     assert losses[False][2] < losses[False][1] < 0.6932  # the adapters learn: step 1 at ln 2, then down
+
+
+def test_a_lora_run_from_a_saved_adapter_trains_that_adapter_on(tiny_model_dir, standard_file, tmp_path):
+    """model = a LoRA run's final/: the policy starts as that adapter (its log-probs), trains the adapter's own
+    weights, and the reference is the base with adapters disabled (no second copy)."""
+    from rich.console import Console
+
+    from dpokit.models.loading import load_adapter
+    from dpokit.train.run import setup_run
+
+    fields = dict(use_lora=True, lora_r=4, learning_rate=1e-2, max_steps=2)
+    first = train(make_config(tmp_path / "first", tiny_model_dir, standard_file, **fields))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    pairs, _ = load_pairs(str(standard_file), tokenizer, 1024)
+    logps_fn = partial(padded_pair_logps, pad_token_id=tokenizer.pad_token_id)
+    saved = load_adapter(str(first / "final"), load_model(str(tiny_model_dir)))
+    base = load_model(str(tiny_model_dir))
+    with torch.no_grad():
+        expected, base_logps = logps_fn(saved, pairs[:4]), logps_fn(base, pairs[:4])
+    assert not torch.allclose(expected.chosen, base_logps.chosen), "the first run moved the adapter"
+
+    config = make_config(tmp_path / "second", first / "final", standard_file, **fields)
+    run = setup_run(config, Console(quiet=True))
+    assert run.reference is None
+    assert {n for n, p in run.policy.named_parameters() if p.requires_grad} == {
+        n for n, _ in saved.named_parameters() if "lora_" in n
+    }
+    with torch.no_grad():
+        got = logps_fn(run.policy, pairs[:4])
+    assert_close(got.chosen, expected.chosen, atol=1e-5, rtol=0)
+    with reference_context(run.policy, None) as reference:
+        assert_close(logps_fn(reference, pairs[:4]).chosen, base_logps.chosen, atol=1e-5, rtol=0)

@@ -108,11 +108,12 @@ def add_lora(
     return get_peft_model(model, config)
 
 
-def load_adapter(path: str, base: PreTrainedModel) -> PreTrainedModel:
-    """Attach a saved PEFT adapter to `base`, frozen (for evaluation and export)."""
+def load_adapter(path: str, base: PreTrainedModel, trainable: bool = False) -> PreTrainedModel:
+    """Attach a saved PEFT adapter to `base`: frozen (evaluation, export) or trainable (training goes on
+    from it)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, path)
+    return PeftModel.from_pretrained(base, path, is_trainable=trainable)
 
 
 def is_peft(model: torch.nn.Module) -> bool:

@@ -25,7 +25,7 @@ from dpokit.data.tokenize import TokenizedPair
 from dpokit.errors import DpokitError
 from dpokit.logprobs import LogpsFn, PairLogps
 from dpokit.losses import LOSSES, LossFn, LossParams
-from dpokit.models.loading import add_lora, load_model, load_tokenizer
+from dpokit.models.loading import adapter_base, add_lora, load_adapter, load_model, load_tokenizer
 from dpokit.packing import build_logps_fn
 from dpokit.reference.cache import pairs_fingerprint
 from dpokit.train.precision import Precision, resolve_precision
@@ -133,14 +133,19 @@ def load_policy(config: RunConfig, precision: Precision, device: torch.device) -
     """The model to train: gradient checkpointing and LoRA/QLoRA adapters applied as configured.
 
     A full fine-tune stores every weight in the trainable dtype; LoRA stores its frozen base in the frozen
-    dtype, and peft keeps the adapters themselves in float32 (it upcasts bf16/fp16 adapter weights).
+    dtype, and peft keeps the adapters themselves in float32 (it upcasts bf16/fp16 adapter weights). A LoRA
+    run whose `model` is a saved adapter (a run's final/) trains that adapter on; its base, with adapters
+    disabled, is the reference.
     """
     dtype = precision.frozen_dtype if config.use_lora else precision.trainable_dtype
-    policy = load_model(config.model, dtype, config.trust_remote_code, config.load_in_4bit)
+    adapter_of = adapter_base(config.model) if config.use_lora else None
+    policy = load_model(adapter_of or config.model, dtype, config.trust_remote_code, config.load_in_4bit)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.enable_input_require_grads()
-    if config.use_lora:
+    if adapter_of is not None:
+        policy = load_adapter(config.model, policy, trainable=True)
+    elif config.use_lora:
         policy = add_lora(
             policy,
             config.lora_r,
