@@ -100,7 +100,9 @@ class PackedBatch:
         """The batch on `device`; to a GPU through pinned memory and asynchronous copies, so the host goes on
         (laying out the next micro-batch) while the copy runs."""
         if device.type == "cuda":
-            tensors = {name: t.pin_memory().to(device, non_blocking=True) for name, t in self.tensors().items()}
+            tensors = {
+                name: t.pin_memory().to(device, non_blocking=True) for name, t in self.tensors().items()
+            }
         else:
             tensors = {name: t.to(device) for name, t in self.tensors().items()}
         return PackedBatch(**tensors, spans=self.spans)
