@@ -300,32 +300,47 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value) if value.strip() else None
 
 
+def read_config_file(path: Path | None) -> dict[str, Any]:
+    """The mapping a YAML config file holds ({} without a file), or a one-line error naming the file."""
+    if path is None:
+        return {}
+    if not path.exists():
+        raise DpokitError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise DpokitError(f"{path}: invalid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise DpokitError(f"{path}: expected a mapping of field: value")
+    return data
+
+
+def validation_error(error: ValidationError, path: Path | None) -> DpokitError:
+    """The first problem pydantic found, as one line naming the file and the (dotted) field."""
+    first = error.errors()[0]
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif first["type"] == "missing":
+        message = "required"
+    loc = ".".join(str(part) for part in first["loc"])
+    if loc and message.startswith("field '"):  # a nested config's own check already names its field
+        message = f"field '{loc}." + message.removeprefix("field '")
+    elif loc:
+        message = f"field '{loc}': {message}"
+    return DpokitError(f"{path}: {message}" if path is not None else message)
+
+
 def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config (or the defaults), apply key=value overrides, validate, and warn on risky values."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not path.exists():
-            raise DpokitError(f"{path}: no such config file")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise DpokitError(f"{path}: invalid YAML ({str(error).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise DpokitError(f"{path}: expected a mapping of field: value")
+    data = read_config_file(path)
     for text in overrides:
         key, value = _parse_override(text)
         data[key] = value
     try:
         config = RunConfig(**data)
     except ValidationError as error:
-        first = error.errors()[0]
-        source = f"{path}: " if path is not None else ""
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown field"
-        if first["loc"]:
-            message = f"field '{'.'.join(str(part) for part in first['loc'])}': {message}"
-        raise DpokitError(f"{source}{message}") from None
+        raise validation_error(error, path) from None
     for note in range_warnings(config):
         warnings.warn(note, UserWarning, stacklevel=2)
     if config.precision == "bf16-pure":
