@@ -7,8 +7,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from dpokit.errors import DpokitError
+from dpokit.logprobs import padded_pair_logps
+from dpokit.models.loading import load_adapter, load_model, load_tokenizer
 from dpokit.online import loop as online_loop
 from dpokit.online.config import load_iterate_config
 
@@ -50,15 +54,26 @@ def iterate_config(tmp_path: Path, model: Path, *overrides: str):
 
 
 def test_policy_and_reference_of_each_round(tmp_path) -> None:
+    """reference(n) None: round n's starting policy is its own reference (LoRA: with adapters disabled)."""
     (tmp_path / "p.txt").write_text("Review a film.\n")
     base = ["prompts=p.txt", "eval_prompts=p.txt", "train.model=start", f"output_dir={tmp_path}"]
-    lora = online_loop.Loop(load_iterate_config(None, base), tmp_path, None, None, [], [])
-    assert [lora.policy(n) for n in (0, 2)] == ["start", str(tmp_path / "round-2" / "policy")]
-    assert [lora.reference(n) for n in (1, 3)] == ["start", "start"]
-    full = load_iterate_config(None, [*base, "train.use_lora=false", "reference=previous"])
-    previous = online_loop.Loop(full, tmp_path, None, None, [], [])
-    assert previous.policy(1) == str(tmp_path / "round-1" / "train" / "final")
-    assert [previous.reference(n) for n in (1, 3)] == ["start", str(tmp_path / "round-2" / "train" / "final")]
+
+    def loop(*overrides: str) -> online_loop.Loop:
+        return online_loop.Loop(load_iterate_config(None, [*base, *overrides]), tmp_path, None, None, [], [])
+
+    lora = loop()  # LoRA, reference: initial: each round trains the previous round's adapter on
+    assert not lora.merges
+    assert [lora.policy(n) for n in (0, 2)] == ["start", str(tmp_path / "round-2" / "train" / "final")]
+    assert [lora.reference(n) for n in (1, 3)] == [None, None]
+    assert loop("train.reference_model=other").reference(3) == "other"
+    lora_previous = loop("reference=previous")  # the previous policy, merged, is the next reference
+    assert lora_previous.merges and lora_previous.policy(2) == str(tmp_path / "round-2" / "policy")
+    assert [lora_previous.reference(n) for n in (1, 3)] == [None, None]
+    full = loop("train.use_lora=false")
+    assert full.policy(1) == str(tmp_path / "round-1" / "train" / "final")
+    assert [full.reference(n) for n in (1, 3)] == [None, "start"]  # from round 2: a frozen copy of the start
+    full_previous = loop("train.use_lora=false", "reference=previous")
+    assert not full_previous.merges and [full_previous.reference(n) for n in (1, 3)] == [None, None]
     with pytest.raises(DpokitError, match="field 'reference': 'previous' refreshes"):
         load_iterate_config(None, [*base, "reference=previous", "train.reference_model=other"])
 
@@ -88,11 +103,75 @@ def test_two_rounds_end_to_end(tmp_path, tiny_model_dir) -> None:
         mined = report["dropped"]["hard_negative_mining"]
         assert len(pairs) == math.ceil(0.5 * (len(pairs) + mined)) and all("margin" in p for p in pairs)
         assert (directory / "train" / "final" / "adapter_config.json").exists()
-        assert (directory / "policy" / "model.safetensors").exists()
-    # Round 2 trained from round 1's merged policy against the initial model.
-    train_config = (run_dir / "round-2" / "train" / "config.yaml").read_text()
-    assert f"model: {run_dir / 'round-1' / 'policy'}" in train_config
-    assert f"reference_model: {tiny_model_dir}" in train_config
+
+
+def train_records(run_dir: Path, n: int) -> list[dict]:
+    return [
+        json.loads(line)
+        for line in (run_dir / f"round-{n}" / "train" / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+@pytest.mark.slow
+def test_lora_rounds_train_one_adapter_on_against_the_initial_base(
+    tmp_path, tiny_model_dir, monkeypatch
+) -> None:
+    """LoRA, reference: initial: no merged model; round 2 starts from round 1's adapter (its first step already
+    has a policy/reference log-ratio), and its reference log-probs are the starting model's own."""
+    from dpokit.train import reference_pass
+
+    used = []  # (pairs, reference log-probs) of every reference pass
+
+    def recorded(model, pairs, *args, **kwargs):
+        logps, hit = real(model, pairs, *args, **kwargs)
+        used.append((pairs, logps))
+        return logps, hit
+
+    real = reference_pass.cached_reference_logps
+    monkeypatch.setattr(reference_pass, "cached_reference_logps", recorded)
+    run_dir = online_loop.iterate(iterate_config(tmp_path, tiny_model_dir))
+    assert not any((run_dir / f"round-{n}" / "policy").exists() for n in (1, 2))
+    train_config = yaml.safe_load((run_dir / "round-2" / "train" / "config.yaml").read_text())
+    assert train_config["model"] == str(run_dir / "round-1" / "train" / "final")
+    assert train_config["reference_model"] is None  # the adapter's base with adapters disabled
+    adapter = json.loads((run_dir / "round-2" / "train" / "final" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_model_dir)
+
+    # Step 1 of round 1 is fresh adapters (policy = reference); step 1 of round 2 is round 1's adapter.
+    first_1, first_2 = train_records(run_dir, 1)[0], train_records(run_dir, 2)[0]
+    assert first_1["kl"] == 0.0 and first_1["rewards/margins"] == 0.0
+    assert abs(first_2["kl"]) > 1e-4 and first_2["rewards/margins"] != 0.0
+
+    assert len(used) == 2  # one reference pass per round (train pairs only: no held-out pairs)
+    pairs, reference = used[1]
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    with torch.no_grad():
+        base = padded_pair_logps(load_model(str(tiny_model_dir)), pairs, tokenizer.pad_token_id)
+        adapted = padded_pair_logps(
+            load_adapter(str(run_dir / "round-1" / "train" / "final"), load_model(str(tiny_model_dir))),
+            pairs,
+            tokenizer.pad_token_id,
+        )
+    assert (adapted.chosen - base.chosen).abs().max() > 1e-3  # round 1's adapter is not the base...
+    torch.testing.assert_close(reference.chosen, base.chosen, atol=1e-4, rtol=0)  # ...and not the reference
+    torch.testing.assert_close(reference.rejected, base.rejected, atol=1e-4, rtol=0)
+    # Held-out KL is to the starting model too (the policy's base with adapters disabled): it moved.
+    records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert records[2]["kl"] != 0.0
+
+
+@pytest.mark.slow
+def test_lora_with_reference_previous_merges_each_round(tmp_path, tiny_model_dir) -> None:
+    """reference: previous with LoRA: round 1's adapter merged into round-1/policy, which round 2 trains fresh
+    adapters on and (adapters disabled) uses as its reference: no separate reference copy."""
+    run_dir = online_loop.iterate(iterate_config(tmp_path, tiny_model_dir, "reference=previous", "rounds=2"))
+    assert all((run_dir / f"round-{n}" / "policy" / "model.safetensors").exists() for n in (1, 2))
+    train_config = yaml.safe_load((run_dir / "round-2" / "train" / "config.yaml").read_text())
+    assert train_config["model"] == str(run_dir / "round-1" / "policy")
+    assert train_config["reference_model"] is None
+    # Fresh adapters on the previous policy, which is the reference: step 1 has no log-ratio.
+    first = train_records(run_dir, 2)[0]
+    assert first["kl"] == 0.0 and first["rewards/margins"] == 0.0
 
 
 def test_too_few_pairs_stops_with_one_line(tmp_path, tiny_model_dir) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from dpokit.data.rows import Text
+from dpokit.models.loading import reference_context
 from dpokit.online.judges import Score
 from dpokit.online.models import preference_row, row_logps
 
@@ -55,13 +56,12 @@ def kl_estimate(
     batch_size: int,
 ) -> float:
     """Monte-Carlo KL(policy || reference) per answer, in nats: the mean of log pi(y|x) - log ref(y|x) over
-    answers y sampled from the policy."""
+    answers y sampled from the policy. reference None: the policy with its LoRA adapters disabled."""
     if policy is reference:
         return 0.0
     # Each row scores its answer twice (chosen = rejected); only the chosen side is read.
     rows = [preference_row(p, a, a, tokenizer) for p, a in zip(prompts, answers)]
-    difference = (
-        row_logps(policy, tokenizer, rows, batch_size).chosen
-        - row_logps(reference, tokenizer, rows, batch_size).chosen
-    )
-    return difference.mean().item()
+    policy_logps = row_logps(policy, tokenizer, rows, batch_size).chosen  # (N,)
+    with reference_context(policy, reference) as model:
+        reference_logps = row_logps(model, tokenizer, rows, batch_size).chosen  # (N,)
+    return (policy_logps - reference_logps).mean().item()

@@ -7,7 +7,9 @@ From Python: `iterate(load_iterate_config(Path("my-iterate.yaml")))`. Layout of 
   round-N/generations.jsonl  k answers per prompt          (generation)
   round-N/samples.jsonl      the same with judge scores    (judging)
   round-N/report.json, pairs.jsonl                          (pairing)
-  round-N/train/             a `dpokit train` run directory (training; LoRA adapters merged into round-N/policy)
+  round-N/train/             a `dpokit train` run directory (training; final/ is round N's policy, with LoRA
+                             its adapter, which round N+1 trains on; `reference: previous` with LoRA merges
+                             it into round-N/policy)
   round-N/eval_samples.jsonl, one line of rounds.jsonl     (evaluation; round 0 is the starting policy)
 A stage whose output exists is never run again.
 """
@@ -28,7 +30,7 @@ from rich.table import Table
 from dpokit.atomic import write_atomic
 from dpokit.data.rows import Text
 from dpokit.errors import DpokitError
-from dpokit.models.loading import load_adapter, load_model, load_tokenizer
+from dpokit.models.loading import is_peft, load_adapter, load_model, load_tokenizer, reference_context
 from dpokit.online.config import IterateConfig
 from dpokit.online.evaluation import kl_estimate, summarize
 from dpokit.online.generation import Sampling, TransformersBackend
@@ -65,17 +67,30 @@ class Loop:
     def round_dir(self, n: int) -> Path:
         return self.run_dir / f"round-{n}"
 
+    @property
+    def merges(self) -> bool:
+        """LoRA with `reference: previous`: each round's adapter is merged into a full model, which the next
+        round trains fresh adapters on and, with them disabled, uses as its reference (one copy of the
+        weights). With `reference: initial` a round trains the previous round's adapter on instead."""
+        return self.config.train.use_lora and self.config.reference == "previous"
+
     def policy(self, n: int) -> str:
-        """The policy after round n: the starting model for n = 0; LoRA adapters merged into a full model."""
+        """The policy after round n: the starting model for n = 0, then round n's train/final (a LoRA adapter
+        directory, whose base is the starting model), or its merge when `merges`."""
         if n == 0:
             return self.config.train.model
-        return str(self.round_dir(n) / ("policy" if self.config.train.use_lora else "train/final"))
+        return str(self.round_dir(n) / ("policy" if self.merges else "train/final"))
 
-    def reference(self, n: int) -> str:
-        """The DPO reference of round n."""
-        if self.config.reference == "previous":
-            return self.policy(n - 1)
-        return self.config.train.reference_model or self.config.train.model
+    def reference(self, n: int) -> str | None:
+        """The DPO reference of round n as a separate model, or None: round n's starting policy, policy(n-1),
+        is its own reference, with its LoRA adapters disabled when it has any (the starting model under
+        `reference: initial`, the merged previous policy under `previous`)."""
+        train = self.config.train
+        if train.reference_model is not None:  # only allowed with `reference: initial`
+            return train.reference_model
+        if self.config.reference == "previous" or train.use_lora or n == 1:
+            return None
+        return train.model  # full fine-tuning from round 2 on: a frozen copy of the starting model
 
     def trained(self, n: int) -> bool:
         return Path(self.policy(n)).exists()
@@ -169,32 +184,28 @@ def pair_margins(loop: Loop, n: int, pairs: list[dict]):
     batch = loop.config.generation_batch_size
     policy = load_frozen(loop.policy(n - 1), loop.config.train)
     reference_name = loop.reference(n)
-    reference = (
-        policy if reference_name == loop.policy(n - 1) else load_frozen(reference_name, loop.config.train)
-    )
-    return implicit_margins(
-        row_logps(policy, loop.tokenizer, rows, batch),
-        row_logps(reference, loop.tokenizer, rows, batch),
-        loop.config.train.resolved_beta,
-    )
+    if reference_name is not None:
+        reference = load_frozen(reference_name, loop.config.train)
+    else:  # the policy itself: adapters disabled, or as it is when it has none (all margins 0)
+        reference = None if is_peft(policy) else policy
+    policy_logps = row_logps(policy, loop.tokenizer, rows, batch)
+    with reference_context(policy, reference) as model:
+        reference_logps = row_logps(model, loop.tokenizer, rows, batch)
+    return implicit_margins(policy_logps, reference_logps, loop.config.train.resolved_beta)
 
 
 def train_stage(loop: Loop, n: int) -> None:
-    """Train round n on its pairs through `dpokit train`'s own function; LoRA adapters are then merged into a
-    full model, round n+1's starting policy (training from an adapter directory is not supported by
-    train's load_policy yet)."""
+    """Train round n on its pairs through `dpokit train`'s own function, from the policy of round n-1.
+
+    With LoRA that policy is round n-1's adapter directory, which `train` trains on, its base (adapters
+    disabled) being the reference; with `merges`, the adapter is merged into round-n/policy afterwards.
+    """
     from dpokit.train.loop import train
 
     config, directory = loop.config, loop.round_dir(n)
     start = loop.policy(n - 1)
-    # Round 1's reference is its own starting model (adapters disabled, or the frozen copy `train` makes).
-    reference = loop.reference(n)
     run_config = config.train.model_copy(
-        update={
-            "model": start,
-            "output_dir": str(directory / "train"),
-            "reference_model": None if reference == start else reference,
-        }
+        update={"model": start, "output_dir": str(directory / "train"), "reference_model": loop.reference(n)}
     )
     final = directory / "train" / "final"
     if not final.exists():
@@ -203,7 +214,7 @@ def train_stage(loop: Loop, n: int) -> None:
             for pair in read_jsonl(directory / "pairs.jsonl")
         ]
         train(run_config, resume=True, console=loop.console, train_rows=rows)
-    if config.train.use_lora:
+    if loop.merges:
         merged = load_adapter(str(final), load_model(start, trust_remote_code=config.train.trust_remote_code))
         save_final(merged.merge_and_unload(), loop.tokenizer, directory / "policy")
 
@@ -220,7 +231,8 @@ def evaluate_stage(loop: Loop, n: int) -> dict[str, Any]:
     reference_scores = (
         scores if n == 0 else [r["score"] for r in read_jsonl(loop.round_dir(0) / "eval_samples.jsonl")]
     )
-    initial = policy if n == 0 else load_frozen(config.train.model, config.train)
+    # KL to the starting model: a LoRA policy's own base with adapters disabled (None), else a loaded copy.
+    initial = policy if n == 0 else None if is_peft(policy) else load_frozen(config.train.model, config.train)
     kl = kl_estimate(policy, initial, loop.tokenizer, prompts, texts, config.generation_batch_size)
     records = [
         {"prompt": p, "text": a.text, "num_tokens": a.num_tokens, "score": s}

@@ -12,7 +12,7 @@ from dpokit.config import RunConfig
 from dpokit.data.rows import PreferenceRow, Text
 from dpokit.data.tokenize import tokenize_rows
 from dpokit.logprobs import PairLogps, compute_logps, padded_pair_logps
-from dpokit.models.loading import load_model
+from dpokit.models.loading import adapter_base, load_adapter, load_model
 from dpokit.online.generation import training_prompt
 from dpokit.train.precision import resolve_precision
 
@@ -22,10 +22,18 @@ def inference_device() -> torch.device:
 
 
 def load_frozen(name: str, train: RunConfig) -> PreTrainedModel:
-    """A model for generation and log-probs: eval mode, no gradients, in the precision's frozen dtype."""
+    """A model for generation and log-probs: eval mode, no gradients, in the precision's frozen dtype.
+
+    A LoRA adapter directory (a round's train/final) loads as its base with the adapter attached, unmerged, so
+    that the same model with adapters disabled (`reference_context`) is the base: no second copy of it.
+    """
     device = inference_device()
     dtype = resolve_precision(train.precision, device).frozen_dtype
-    return load_model(name, dtype, train.trust_remote_code).to(device).eval().requires_grad_(False)
+    base = adapter_base(name)
+    model = load_model(base or name, dtype, train.trust_remote_code)
+    if base is not None:
+        model = load_adapter(name, model)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def preference_row(prompt: Text, chosen: str, rejected: str, tokenizer: PreTrainedTokenizerBase) -> dict:
