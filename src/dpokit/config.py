@@ -293,7 +293,7 @@ def range_warnings(config: RunConfig) -> list[str]:
     ]
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise DpokitError(f"override {text!r}: expected key=value (for example beta=0.2)")
     key, value = text.split("=", 1)
@@ -335,7 +335,7 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config (or the defaults), apply key=value overrides, validate, and warn on risky values."""
     data = read_config_file(path)
     for text in overrides:
-        key, value = _parse_override(text)
+        key, value = parse_override(text)
         data[key] = value
     try:
         config = RunConfig(**data)

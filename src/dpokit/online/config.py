@@ -10,10 +10,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dpokit.config import RunConfig, _parse_override, range_warnings
+from dpokit.config import RunConfig, parse_override, range_warnings, read_config_file, validation_error
 from dpokit.errors import DpokitError
 
 # Defaults of the nested train config that differ from `dpokit train`'s: the loop evaluates on its own
@@ -104,18 +103,9 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
 def load_iterate_config(path: Path | None, overrides: list[str] = ()) -> IterateConfig:
     """Read a YAML iterate config, apply key=value overrides (train.beta=0.2 for the train section),
     validate, and warn on risky training values; errors are one line naming the field."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not path.exists():
-            raise DpokitError(f"{path}: no such config file")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise DpokitError(f"{path}: invalid YAML ({str(error).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise DpokitError(f"{path}: expected a mapping of field: value")
+    data = read_config_file(path)
     for text in overrides:
-        _set(data, *_parse_override(text))
+        _set(data, *parse_override(text))
     train = data.get("train", {})
     if not isinstance(train, dict):
         raise DpokitError(f"{path}: field 'train': expected a mapping of field: value")
@@ -123,18 +113,7 @@ def load_iterate_config(path: Path | None, overrides: list[str] = ()) -> Iterate
     try:
         config = IterateConfig(**data)
     except ValidationError as error:
-        first = error.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown field"
-        elif first["type"] == "missing":
-            message = "required"
-        loc = ".".join(str(part) for part in first["loc"])
-        if loc and message.startswith("field '"):  # a nested config's own check already names its field
-            message = f"field '{loc}." + message.removeprefix("field '")
-        elif loc:
-            message = f"field '{loc}': {message}"
-        raise DpokitError(f"{path}: {message}" if path is not None else message) from None
+        raise validation_error(error, path) from None
     for note in range_warnings(config.train):
         warnings.warn(f"train: {note}", UserWarning, stacklevel=2)
     return config
