@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from dpokit.config import RunConfig, parse_override, range_warnings, read_config_file, validation_error
 from dpokit.errors import DpokitError
@@ -18,6 +18,80 @@ from dpokit.errors import DpokitError
 # Defaults of the nested train config that differ from `dpokit train`'s: the loop evaluates on its own
 # held-out prompts, so the preference eval set and the periodic samples of the demo are off unless asked.
 TRAIN_DEFAULTS = {"eval_data": None, "sample_prompts": None}
+
+
+POINTWISE_PROMPT = (
+    "Rate how well the answer responds to the prompt, from 1 (useless) to 10 (excellent).\n\n"
+    "Prompt:\n{prompt}\n\nAnswer:\n{answer}\n\nReply with one line: Score: N"
+)
+PAIRWISE_PROMPT = (
+    "Which answer responds better to the prompt?\n\nPrompt:\n{prompt}\n\n"
+    "Answer A:\n{answer_a}\n\nAnswer B:\n{answer_b}\n\nReply with one line: Winner: A or Winner: B"
+)
+# The placeholders each mode's template must hold, filled by plain substitution (other braces stay as written).
+PLACEHOLDERS = {"pointwise": ("{prompt}", "{answer}"), "pairwise": ("{prompt}", "{answer_a}", "{answer_b}")}
+
+
+class LLMJudgeConfig(BaseModel):
+    """An LLM judge over an OpenAI-compatible chat-completions API: `judge:` given as a mapping."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        description="Base URL of the API, e.g. http://127.0.0.1:8080/v1 (requests go to URL/chat/completions)."
+    )
+    model: str = Field(description="The `model` field of each request.")
+    mode: Literal["pointwise", "pairwise"] = Field(
+        "pointwise",
+        description="pointwise: a score per answer, parsed from the reply. pairwise: A/B comparisons; "
+        "an answer's score is its share of wins in a round robin against the other answers to its prompt.",
+    )
+    prompt: str | None = Field(
+        None,
+        description="The user message template: {prompt} and {answer} (pointwise) or {prompt}, {answer_a} "
+        "and {answer_b} (pairwise). None: a built-in template asking for 'Score: N' (1-10) or 'Winner: A|B'.",
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="Name of the environment variable holding the API key, sent as a Bearer token and never "
+        "logged or saved. None: no Authorization header (a local server).",
+    )
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once (a thread pool); 4-32.")
+    timeout_s: float = Field(60.0, gt=0.0, description="Seconds one request may take before it is retried.")
+    retries: int = Field(
+        3,
+        ge=0,
+        description="Retries of a request after a timeout, connection error, 429 or 5xx (not other 4xx).",
+    )
+    backoff_s: float = Field(
+        1.0, ge=0.0, description="Wait before the first retry in seconds; doubled at each further retry."
+    )
+    max_tokens: int = Field(64, ge=1, description="Tokens the judge may reply with.")
+    temperature: float = Field(
+        0.0, ge=0.0, description="Judge sampling temperature; 0 for repeatable scores."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> LLMJudgeConfig:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError("field 'url': must start with http:// or https://")
+        if self.prompt is not None:
+            missing = [p for p in PLACEHOLDERS[self.mode] if p not in self.prompt]
+            if missing:
+                raise ValueError(f"field 'prompt': a {self.mode} template needs {', '.join(missing)}")
+        return self
+
+    @property
+    def template(self) -> str:
+        return self.prompt or (POINTWISE_PROMPT if self.mode == "pointwise" else PAIRWISE_PROMPT)
+
+
+# `judge:` is a string naming a built-in judge, or a mapping configuring the LLM judge; the discriminator
+# picks the branch first, so a bad mapping reports its own field (judge.llm.url), not both branches.
+JudgeSpec = Annotated[
+    Annotated[str, Tag("spec")] | Annotated[LLMJudgeConfig, Tag("llm")],
+    Discriminator(lambda value: "llm" if isinstance(value, dict | LLMJudgeConfig) else "spec"),
+]
 
 
 class IterateConfig(BaseModel):
@@ -53,12 +127,13 @@ class IterateConfig(BaseModel):
     generation_batch_size: int = Field(
         16, ge=1, description="Prompts per `generate` call (each yields k sequences, so k x this rows)."
     )
-    judge: str = Field(
+    judge: JudgeSpec = Field(
         "vader",
         description="Scores each answer: 'vader' (sentiment in [-1, 1]), 'length' (characters), "
         "'regex:PATTERN' (matches), 'keywords:a,b' (occurrences, case-insensitive), 'python:module:function' "
         "(called with (prompts, answers), returns a float or None per answer), 'reward-model:DIR' "
-        "(an AutoModelForSequenceClassification checkpoint).",
+        "(an AutoModelForSequenceClassification checkpoint), or a mapping: an LLM judge over an "
+        "OpenAI-compatible API (url, model, mode, ...; see LLMJudgeConfig).",
     )
     pairing: Literal["best_vs_worst", "best_vs_random", "best_vs_second"] = Field(
         "best_vs_worst", description="Which answer is rejected against the best one."

@@ -1,7 +1,8 @@
 """Judges: one small interface, `score(prompts, answers) -> list[float | None]`, None where the judge failed.
 
 Built from the config's `judge` string by `build_judge`: vader, length, regex:PATTERN, keywords:a,b,
-python:module:function, reward-model:DIR. A failed score (None, NaN, or a value that is not a number) is
+python:module:function, reward-model:DIR, or from a `judge:` mapping: the LLM judge over HTTP
+(http_judge.py). A failed score (None, NaN, or a value that is not a number) is
 counted by the loop, and that answer never enters a pair.
 """
 
@@ -20,6 +21,7 @@ import torch
 from dpokit.data.rows import Text
 from dpokit.errors import DpokitError
 from dpokit.judges import vader_score
+from dpokit.online.config import LLMJudgeConfig
 
 Score = float | None
 
@@ -128,8 +130,12 @@ class RewardModelJudge:
         return scores
 
 
-def build_judge(spec: str, device: torch.device) -> Judge:
-    """The judge a config's `judge` string names."""
+def build_judge(spec: str | LLMJudgeConfig, device: torch.device) -> Judge:
+    """The judge a config's `judge` string names, or the LLM judge its mapping configures."""
+    if isinstance(spec, LLMJudgeConfig):
+        from dpokit.online.http_judge import LLMJudge  # imports this module's Score
+
+        return LLMJudge.load(spec)
     kind, _, argument = spec.partition(":")
     if kind == "vader" and not argument:
         return FunctionJudge(_vader, spec)

@@ -1,0 +1,236 @@
+"""The LLM judge against a real HTTP server on 127.0.0.1 speaking OpenAI chat-completions JSON.
+
+The stub server's `reply(body, count)` decides each answer: a (status, content) pair, after an optional
+sleep. It counts requests and the most requests it held at once (overlap, not wall-clock).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from test_loop import iterate_config
+
+from dpokit.errors import DpokitError
+from dpokit.online import loop as online_loop
+from dpokit.online.config import LLMJudgeConfig, load_iterate_config
+from dpokit.online.http_judge import LLMJudge, parse_choice, parse_score
+from dpokit.online.judges import build_judge
+
+KEY = "sk-test-0123456789-do-not-leak"
+
+
+class StubServer(ThreadingHTTPServer):
+    reply: Callable[[dict, int], tuple[int, str]]
+    sleep_s: float = 0.0
+    barrier: threading.Barrier | None = None
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.lock = threading.Lock()
+        self.bodies: list[dict] = []
+        self.headers_seen: list[dict] = []
+        self.paths: list[str] = []
+        self.in_flight = self.max_in_flight = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: StubServer
+
+    def do_POST(self) -> None:
+        server = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with server.lock:
+            count = len(server.bodies)
+            server.bodies.append(body)
+            server.headers_seen.append(dict(self.headers))
+            server.paths.append(self.path)
+            server.in_flight += 1
+            server.max_in_flight = max(server.max_in_flight, server.in_flight)
+        try:
+            if server.barrier is not None:
+                server.barrier.wait(timeout=5)  # passes only once `parties` requests are in flight together
+            time.sleep(server.sleep_s)
+            status, content = server.reply(body, count)
+            payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(payload.encode())
+        except (OSError, threading.BrokenBarrierError):  # the client gave up (timeout test)
+            pass
+        finally:
+            with server.lock:
+                server.in_flight -= 1
+
+    def log_message(self, *args) -> None:  # keep the test output quiet
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[StubServer]:
+    stub = StubServer()
+    thread = threading.Thread(target=stub.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield stub
+    stub.shutdown()
+    stub.server_close()
+    thread.join(timeout=5)
+
+
+def judge(server: StubServer, **fields) -> LLMJudge:
+    config = {"url": server.url, "model": "stub", "timeout_s": 2.0, "retries": 2, "backoff_s": 0.001}
+    return LLMJudge.load(LLMJudgeConfig(**{**config, **fields}))
+
+
+def answer_of(body: dict) -> str:
+    return re.search(r"Answer:\n(.*)\n\nReply", body["messages"][0]["content"], re.DOTALL).group(1)
+
+
+REPLIES = {
+    "a": "Score: 7",
+    "b": "I'd say 7/10.",
+    "c": "**8**",
+    "d": '{"score": 6}',
+    "e": "A fine answer, well written.",
+    "f": "Score: NaN",
+    "g": '{"score": "high"}',
+    "h": "Between 3 and 4",
+}
+
+
+def test_pointwise_scores_parsed(server) -> None:
+    server.reply = lambda body, count: (200, REPLIES[answer_of(body)])
+    scores = judge(server).score(["Review a film."] * len(REPLIES), list(REPLIES))
+    assert scores == [7.0, 7.0, 8.0, 6.0, None, None, None, None]
+    assert set(server.paths) == {"/v1/chat/completions"}
+    assert server.bodies[0]["model"] == "stub" and server.bodies[0]["temperature"] == 0.0
+    assert "Review a film." in server.bodies[0]["messages"][0]["content"]
+
+
+def test_parsers_on_free_text() -> None:
+    assert parse_score("**Score:** 9") == 9.0 and parse_score("[[5]]") == 5.0 and parse_score("3") == 3.0
+    assert parse_score("I rate it 7 out of 10") == 7.0 and parse_score('{"score": NaN}') is None
+    assert [parse_choice(t) for t in ("A", "**B**", "Winner: A", '{"winner": "B"}', "[[A]]")] == list("ABABA")
+    assert parse_choice("Answer B is better.") == "B"
+    assert [parse_choice(t) for t in ("neither", '{"winner": ""}', "A or B?")] == [None, None, None]
+
+
+def test_5xx_retried_until_success(server) -> None:
+    server.reply = lambda body, count: (500, "") if count < 2 else (200, "Score: 9")
+    assert judge(server).score(["p"], ["x"]) == [9.0]
+    assert len(server.bodies) == 3
+
+
+def test_429_retried_but_other_4xx_not(server) -> None:
+    server.reply = lambda body, count: (429, "") if count == 0 else (200, "Score: 4")
+    assert judge(server).score(["p"], ["x"]) == [4.0]
+    server.bodies.clear()
+    server.reply = lambda body, count: (400, "Score: 4")
+    assert judge(server).score(["p"], ["x"]) == [None]
+    assert len(server.bodies) == 1
+
+
+def test_timeout_gives_none_after_retries(server) -> None:
+    server.sleep_s = 0.5
+    server.reply = lambda body, count: (200, "Score: 9")
+    assert judge(server, timeout_s=0.05, retries=1).score(["p"], ["x"]) == [None]
+    assert len(server.bodies) == 2  # the first try and one retry
+
+
+def test_unreachable_server_gives_none(server) -> None:
+    url = server.url
+    server.shutdown()
+    server.server_close()
+    config = LLMJudgeConfig(url=url, model="m", retries=1, backoff_s=0.001, timeout_s=0.5)
+    assert LLMJudge.load(config).score(["p"], ["x"]) == [None]
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_requests_overlap_up_to_concurrency(server, concurrency) -> None:
+    server.reply = lambda body, count: (200, "Score: 5")
+    if concurrency > 1:
+        server.barrier = threading.Barrier(concurrency)  # deadlocks (then times out) unless they overlap
+    else:
+        server.sleep_s = 0.02  # give a second request the chance to overlap, were it sent
+    assert judge(server, concurrency=concurrency).score(["p"] * 8, ["x"] * 8) == [5.0] * 8
+    assert server.max_in_flight == concurrency
+
+
+def test_pairwise_round_robin(server) -> None:
+    """The stub prefers the longer answer. Per prompt, each unordered pair is asked once with the order
+    alternating: for 3 answers, 3 comparisons; a lone answer is never compared (None)."""
+
+    def longer(body: dict, count: int) -> tuple[int, str]:
+        a, b = re.search(
+            r"Answer A:\n(.*)\n\nAnswer B:\n(.*)\n\nReply", body["messages"][0]["content"]
+        ).groups()
+        return 200, "Winner: A" if len(a) > len(b) else "**B**"
+
+    server.reply = longer
+    scores = judge(server, mode="pairwise").score(["p", "p", "p", "q"], ["x", "xxx", "xx", "alone"])
+    assert scores == [0.0, 1.0, 0.5, None]
+    assert len(server.bodies) == 3
+    assert judge(server, mode="pairwise").compare(["p", "p"], ["long", "s"], ["s", "long"]) == [1.0, 0.0]
+
+
+def test_pairwise_unparseable_reply_is_none(server) -> None:
+    server.reply = lambda body, count: (200, "They are both fine.")
+    assert judge(server, mode="pairwise").score(["p", "p"], ["x", "y"]) == [None, None]
+
+
+def test_api_key_sent_but_never_logged_or_saved(
+    server, tmp_path, tiny_model_dir, monkeypatch, caplog, capsys
+) -> None:
+    """A full one-round iterate run with the key in the environment: the server gets it as a Bearer token;
+    logs, console and every file of the run directory never hold it (even with failed requests logged)."""
+    monkeypatch.setenv("DPOKIT_TEST_JUDGE_KEY", KEY)
+    server.reply = lambda body, count: (500, "") if count % 4 == 0 else (200, f"Score: {count % 7}")
+    caplog.set_level(logging.DEBUG)
+    config = iterate_config(tmp_path, tiny_model_dir, "rounds=1")
+    config.judge = LLMJudgeConfig(
+        url=server.url, model="stub", api_key_env="DPOKIT_TEST_JUDGE_KEY", retries=0, backoff_s=0.001
+    )
+    assert KEY not in repr(build_judge(config.judge, None))
+    run_dir = online_loop.iterate(config)
+    assert {h["Authorization"] for h in server.headers_seen} == {f"Bearer {KEY}"}
+    assert "LLM judge" in caplog.text  # the failures were logged...
+    captured = capsys.readouterr()
+    assert KEY not in caplog.text + captured.out + captured.err  # ...without the key
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "samples.jsonl" for p in files)
+    assert not [p for p in files if KEY.encode() in p.read_bytes()]
+
+
+def test_missing_key_and_bad_config_are_one_line_errors(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("DPOKIT_NO_SUCH_KEY", raising=False)
+    with pytest.raises(DpokitError, match="DPOKIT_NO_SUCH_KEY"):
+        LLMJudge.load(
+            LLMJudgeConfig(url="http://127.0.0.1:9/v1", model="m", api_key_env="DPOKIT_NO_SUCH_KEY")
+        )
+    base = "prompts: p.txt\neval_prompts: p.txt\njudge:\n  model: m\n"
+    for extra, needle in [
+        ("", "field 'judge.llm.url': required"),
+        ("  url: ftp://x\n", "field 'judge.llm.url': must start with http"),
+        ("  url: http://x\n  concurrency: 0\n", "field 'judge.llm.concurrency'"),
+        (
+            "  url: http://x\n  mode: pairwise\n  prompt: '{prompt} {answer}'\n",
+            "needs {answer_a}, {answer_b}",
+        ),
+        ("  url: http://x\n  api_key: sk-x\n", "field 'judge.llm.api_key': unknown field"),
+    ]:
+        path = tmp_path / "c.yaml"
+        path.write_text(base + extra)
+        with pytest.raises(DpokitError, match=re.escape(needle)) as error:
+            load_iterate_config(path)
+        assert "\n" not in str(error.value)
