@@ -1,13 +1,19 @@
 """One self-contained HTML report of a run: metric plots, the doctor's findings, policy vs reference samples.
 
     dpokit report runs/my-run --out report.html
+    dpokit report runs/iterate-sentiment        # an iterate run (it has rounds.jsonl): per-round plots
+
+A `dpokit iterate` run directory gets the rounds report instead: judge reward (mean with a ±std band),
+KL to the starting model and win rate against it, per round, and the held-out answers of every round.
 
 The file works offline and alone: plots are inline SVG drawn here, styles are inline, no script.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -96,12 +102,20 @@ def _legend(labels: list[str]) -> tuple[list[tuple[float, float]], float]:
     return positions, y + 10
 
 
-def svg_chart(title: str, series: list[tuple[str, list[tuple[float, float]]]]) -> str:
-    """An inline SVG line chart; each series is (label, [(step, value), ...]), non-finite values break the line.
+def svg_chart(
+    title: str,
+    series: list[tuple[str, list[tuple[float, float]]]],
+    x_label: str = "step",
+    band: Sequence[tuple[float, float, float]] = (),
+) -> str:
+    """An inline SVG line chart; each series is (label, [(x, value), ...]), non-finite values break the line.
 
-    Series whose label starts with "eval" are dashed; short series get point markers with tooltips.
+    Series whose label starts with "eval" are dashed; short series get point markers with tooltips. `band`,
+    [(x, low, high), ...], is shaded in the first series' color behind the lines (e.g. mean ± std).
     """
+    band = [(x, low, high) for x, low, high in band if finite(low) and finite(high)]
     points = [(x, y) for _, data in series for x, y in data if finite(y)]
+    points += [(x, y) for x, low, high in band for y in (low, high)]
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" role="img">',
         f'<text x="{LEFT}" y="18" font-size="14" font-weight="600">{escape(title)}</text>',
@@ -132,8 +146,14 @@ def svg_chart(title: str, series: list[tuple[str, list[tuple[float, float]]]]) -
         )
     parts.append(
         f'<rect x="{LEFT}" y="{top}" width="{WIDTH - LEFT - RIGHT}" height="{HEIGHT - top - BOTTOM}" fill="none" stroke="#bbb"/>'
-        f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - 4}" font-size="11" text-anchor="middle" fill="#555">step</text>'
+        f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - 4}" font-size="11" text-anchor="middle" fill="#555">{x_label}</text>'
     )
+    if band:
+        outline = [(x, high) for x, _, high in band] + [(x, low) for x, low, _ in reversed(band)]
+        parts.append(
+            f'<path class="band" d="M{" L".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in outline)} Z" '
+            f'fill="{COLORS[0]}" fill-opacity="0.15" stroke="none"/>'
+        )
     for index, ((label, data), (legend_x, legend_y)) in enumerate(zip(series, legend)):
         color = COLORS[index % len(COLORS)]
         dash = ' stroke-dasharray="6 3"' if label.startswith("eval") else ""
@@ -149,7 +169,7 @@ def svg_chart(title: str, series: list[tuple[str, list[tuple[float, float]]]]) -
         )
         if len(data) <= MARKER_MAX_POINTS:
             parts.extend(
-                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"><title>{escape(label)} step {x:g}: {y:.4g}</title></circle>'
+                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"><title>{escape(label)} {x_label} {x:g}: {y:.4g}</title></circle>'
                 for x, y in data
                 if finite(y)
             )
@@ -259,11 +279,118 @@ def render_html(run: RunData, findings: list[Finding], title: str) -> str:
     )
 
 
-def write_report(run_dir: Path, out_path: Path) -> Path:
-    """Diagnose the run in ``run_dir`` and write its HTML report to ``out_path``; returns ``out_path``."""
-    run = load_run(run_dir)
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(
-        Path(out_path), render_html(run, sort_findings(run_rules(run)), Path(run_dir).resolve().name)
+# The rounds report: rounds.jsonl columns in its table, and its three plots (title, key).
+ROUND_COLUMNS = [
+    "round",
+    "reward_mean",
+    "reward_std",
+    "kl",
+    "length_mean",
+    "win_rate_vs_reference",
+    "judge_failures",
+    "pairs",
+]
+ROUND_CHARTS = [
+    ("KL to the starting model (nats per answer)", "kl"),
+    ("Win rate vs the starting model", "win_rate_vs_reference"),
+]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _round_charts(rounds: list[dict[str, Any]]) -> str:
+    """Reward (mean, ±std band), KL and win rate against the round number; a missing value is a gap."""
+
+    def points(key: str) -> list[tuple[float, float]]:
+        return [(r["round"], r[key] if finite(r.get(key)) else math.nan) for r in rounds]
+
+    band = [
+        (r["round"], r["reward_mean"] - r["reward_std"], r["reward_mean"] + r["reward_std"])
+        for r in rounds
+        if finite(r.get("reward_mean")) and finite(r.get("reward_std"))
+    ]
+    charts = [svg_chart("Judge reward (mean ± std)", [("reward_mean", points("reward_mean"))], "round", band)]
+    charts += [svg_chart(title, [(key, points(key))], "round") for title, key in ROUND_CHARTS]
+    cells = "".join(f'<div class="chart">{chart}</div>' for chart in charts)
+    return f'<div class="charts">{cells}</div>'
+
+
+def _rounds_table(rounds: list[dict[str, Any]]) -> str:
+    head = "".join(f"<th>{c}</th>" for c in ROUND_COLUMNS)
+    rows = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{escape(f'{v:.4g}' if isinstance(v, float) else '-' if v is None else str(v))}</td>"
+            for v in (r.get(c) for c in ROUND_COLUMNS)
+        )
+        + "</tr>"
+        for r in rounds
     )
-    return Path(out_path)
+    return f'<table style="width:auto"><tr>{head}</tr>{rows}</table>'
+
+
+def _prompt_text(prompt: Any) -> str:
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def _round_samples(run_dir: Path, rounds: list[dict[str, Any]]) -> str:
+    """One table per round (latest first, open; older folded): prompt, the starting policy's answer, this
+    round's answer, each with its judge score."""
+    start = _read_jsonl(run_dir / "round-0" / "eval_samples.jsonl")
+    tables = []
+    for index, n in enumerate(sorted((r["round"] for r in rounds), reverse=True)):
+        samples = _read_jsonl(run_dir / f"round-{n}" / "eval_samples.jsonl")
+        if not samples:
+            continue
+        rows = "".join(
+            f'<tr><td class="text">{escape(_prompt_text(s["prompt"]))}</td>'
+            + (_round_cell(start[i]) if n and i < len(start) else "")
+            + f"{_round_cell(s)}</tr>"
+            for i, s in enumerate(samples)
+        )
+        columns = "<th>Round 0 (starting policy)</th>" if n else ""
+        table = f"<table><tr><th>Prompt</th>{columns}<th>Round {n}</th></tr>{rows}</table>"
+        tables.append(
+            f"<details{' open' if index == 0 else ''}><summary>round {n}</summary>{table}</details>"
+        )
+    return "".join(tables) or '<p class="muted">No eval_samples.jsonl in this run.</p>'
+
+
+def _round_cell(sample: dict[str, Any]) -> str:
+    score = sample.get("score")
+    meta = f"{sample['num_tokens']} tokens · judge " + (f"{score:+.3g}" if finite(score) else "failed")
+    return f'<td><div class="text">{escape(sample["text"])}</div><div class="meta">{meta}</div></td>'
+
+
+def render_rounds_html(run_dir: Path, rounds: list[dict[str, Any]], title: str) -> str:
+    """The report page of a `dpokit iterate` run directory from its rounds.jsonl records."""
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body>"
+        f'<h1>dpokit report: {escape(title)}</h1><p class="muted">On-policy run, {len(rounds)} evaluations '
+        f"(round 0 is the starting policy)</p>{_rounds_table(rounds)}"
+        f"<h2>Rounds</h2>{_round_charts(rounds)}<h2>Held-out samples</h2>{_round_samples(run_dir, rounds)}"
+        "</body></html>\n"
+    )
+
+
+def write_report(run_dir: Path, out_path: Path) -> Path:
+    """Write the HTML report of the run in ``run_dir`` to ``out_path``; returns ``out_path``.
+
+    A training run is diagnosed by the doctor; an iterate run (it holds rounds.jsonl) gets the rounds report.
+    """
+    run_dir, out_path = Path(run_dir), Path(out_path)
+    title = run_dir.resolve().name
+    rounds = _read_jsonl(run_dir / "rounds.jsonl")
+    if rounds:
+        html = render_rounds_html(run_dir, rounds, title)
+    else:
+        run = load_run(run_dir)
+        html = render_html(run, sort_findings(run_rules(run)), title)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_path, html)
+    return out_path
