@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from dpokit.data.reading import load_rows
 from dpokit.data.rows import validate_records
 from dpokit.data.tokenize import TokenizedPair, tokenize_rows
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, InMemory
 
 Rows = Sequence[Mapping[str, Any]]  # preference rows held in memory, in any of TRL's formats
 
@@ -69,15 +69,19 @@ class DataReport:
 
 
 def load_pairs(
-    source: str | Rows, tokenizer: PreTrainedTokenizerBase, max_length: int
+    source: str | Rows, tokenizer: PreTrainedTokenizerBase, max_length: int, name: str = "data"
 ) -> tuple[list[TokenizedPair], DataReport]:
-    """Tokenized pairs from a file, directory or Hub name, or from rows held in memory (numbered from 0 in
-    errors), with a report of what was skipped, dropped or truncated."""
+    """Tokenized pairs from a file, directory or Hub name, or from rows held in memory (errors name them
+    `name row 3`, numbered from 0), with a report of what was skipped, dropped or truncated.
+
+    >>> tokenizer = transformers.AutoTokenizer.from_pretrained("./sft-model")
+    >>> pairs, report = load_pairs([{"prompt": "Hi", "chosen": " hello", "rejected": " go"}], tokenizer, 1024)
+    """
     if isinstance(source, str):
         path = resolve_path(source)
         rows, identical = load_rows(path)
     else:
-        path = "<rows in memory>"
+        path = InMemory(name)
         rows, identical = validate_records(enumerate(source), path)
     tokenized = tokenize_rows(tokenizer, rows, max_length)
     if not tokenized.pairs:

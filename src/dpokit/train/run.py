@@ -111,12 +111,15 @@ def prepare_datasets(
 ) -> Datasets:
     """Tokenized train and held-out pairs from the config's files, or from rows held in memory."""
     train, report = load_pairs(
-        train_rows if train_rows is not None else config.train_data, tokenizer, config.max_length
+        train_rows if train_rows is not None else config.train_data,
+        tokenizer,
+        config.max_length,
+        "train_data",
     )
     notes = report.warnings()
     eval_source = eval_rows if eval_rows is not None else config.eval_data
     if eval_source is not None:
-        held, eval_report = load_pairs(eval_source, tokenizer, config.max_length)
+        held, eval_report = load_pairs(eval_source, tokenizer, config.max_length, "eval_data")
         notes += eval_report.warnings()
     elif config.eval_split > 0:
         train, held = split_pairs(train, config.eval_split, config.seed)
