@@ -70,6 +70,14 @@ def train(
     print_config: Annotated[
         bool, typer.Option("--print-config", help="Show the resolved config and exit.")
     ] = False,
+    from_trl: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-trl",
+            help="A YAML of TRL 1.16 DPOConfig fields, mapped to dpokit's (README: Coming from TRL); "
+            "key=value overrides set dpokit fields (model=..., train_data=...).",
+        ),
+    ] = None,
 ) -> None:
     """Train a policy with DPO (or IPO, SimPO, ...) on preference pairs."""
     from dpokit.config import load_config
@@ -80,14 +88,22 @@ def train(
         overrides.insert(0, str(config))
         config = None
     # No arguments at all: the built-in demo. `builtin:demo` names it explicitly, to add overrides.
-    if (config is None and not overrides) or str(config) == "builtin:demo":
+    if from_trl is None and ((config is None and not overrides) or str(config) == "builtin:demo"):
         from dpokit.data.prepare import resolve_path
 
         config = Path(resolve_path("builtin:demo"))
     try:
         if force_resume and not resume:
             raise DpokitError("--force-resume: only meaningful with --resume")
-        run_config = load_config(config, overrides)
+        if from_trl is not None:  # TRL's fields mapped, then key=value overrides of dpokit fields on top
+            from dpokit.config import RunConfig, parse_override, read_config_file
+
+            if config is not None:
+                raise DpokitError(f"--from-trl: give the TRL YAML or a dpokit config ({config}), not both")
+            fields = dict(parse_override(text) for text in overrides)
+            run_config = RunConfig.from_trl(read_config_file(from_trl), **fields)
+        else:
+            run_config = load_config(config, overrides)
         if print_config:
             sys.stdout.write(yaml.safe_dump(run_config.resolved(), sort_keys=False))
             return

@@ -252,6 +252,16 @@ class RunConfig(BaseModel):
             )
         return self
 
+    @classmethod
+    def from_trl(cls, trl_config: Any, *, processes: int = 1, **overrides: Any) -> RunConfig:
+        """The run a TRL 1.16 `DPOConfig` (or a mapping of its fields) describes; see `dpokit.trl_config`.
+
+        >>> RunConfig.from_trl({"beta": 0.1, "lr_scheduler_type": "cosine"}, model="./sft-model")
+        """
+        from dpokit.trl_config import run_config_from_trl  # it imports this module
+
+        return run_config_from_trl(trl_config, processes=processes, **overrides)
+
     # Resolved values: defaults that depend on other fields.
     @property
     def resolved_beta(self) -> float:
