@@ -20,6 +20,7 @@ from dpokit.config import RunConfig
 from dpokit.data.prepare import load_pairs
 from dpokit.diagnostics.findings import Finding
 from dpokit.errors import DpokitError
+from dpokit.logprobs import PairLogps
 from dpokit.losses import (
     LOSSES,
     LossParams,
@@ -40,6 +41,7 @@ __all__ = [
     "DpokitError",
     "Finding",
     "LossParams",
+    "PairLogps",
     "RunConfig",
     "TrainResult",
     "audit",
