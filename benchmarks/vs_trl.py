@@ -152,8 +152,8 @@ def run_dpokit(spec: Spec, checkpointing: bool) -> dict:
     trackers or checkpoints (which TRL's side has no counterpart for here)."""
     from rich.console import Console
 
-    import dpokit.train.run
     from dpokit.config import RunConfig
+    from dpokit.train import run as run_module
     from dpokit.train.reference_pass import reference_pass
     from dpokit.train.run import setup_optimizer, setup_run
     from dpokit.train.step import train_step
@@ -161,7 +161,7 @@ def run_dpokit(spec: Spec, checkpointing: bool) -> dict:
     # Time spent reading model weights (policy and reference), to report the job without it: setup_run's own
     # load_model, wrapped in a timer.
     loading = []
-    load_model = dpokit.train.run.load_model
+    load_model = run_module.load_model
 
     def timed_load_model(*args: object, **kwargs: object) -> torch.nn.Module:
         start = clock(spec.device)
@@ -169,7 +169,7 @@ def run_dpokit(spec: Spec, checkpointing: bool) -> dict:
         loading.append(clock(spec.device) - start)
         return model
 
-    dpokit.train.run.load_model = timed_load_model
+    run_module.load_model = timed_load_model
     precision = {"precision": spec.precision} if spec.precision else {}
     with tempfile.TemporaryDirectory(prefix="dpokit-bench-run-") as tmp:
         config = RunConfig(
