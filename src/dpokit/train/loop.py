@@ -95,8 +95,10 @@ def restore(run: Run, checkpoint: Path, force: bool) -> int:
     if changes:
         warnings.warn(f"--force-resume: {'; '.join(changes)} since {checkpoint}", UserWarning, stacklevel=2)
     step = progress["step"]
-    for _ in range(step):
-        run.scheduler.step()  # the schedule is a pure function of the step count
+    with warnings.catch_warnings():  # torch warns of a schedule stepped before any optimizer step: intended
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(step):
+            run.scheduler.step()  # the schedule is a pure function of the step count
     run.console.print(f"resuming from {checkpoint} (step {step} of {run.total_steps})")
     return step
 
