@@ -83,6 +83,15 @@ def test_bad_row_is_named_by_index_and_field(tiny_model_dir, tmp_path):
         dpokit.train(config, train_data=ROWS, eval_data=[{"chosen": "a"}], quiet=True)
     with pytest.raises(dpokit.DpokitError, match=r"^train_data row 1: field 'prompt' must be a string"):
         dpokit.train(config, train_data=pd.DataFrame([ROWS[0], {**ROWS[1], "prompt": 3}]), quiet=True)
+    conversational = {
+        "prompt": [{"role": "user", "content": "Hi"}],
+        "chosen": [{"role": "assistant", "content": "a"}],
+    }
+    conversational["rejected"] = [{"role": "assistant", "content": "b"}]
+    with pytest.raises(
+        dpokit.DpokitError, match=r"^train_data row 1: field 'chosen' is conversational but row 0 is"
+    ):
+        dpokit.train(config, train_data=[ROWS[0], conversational], quiet=True)
 
 
 def test_evaluate_equals_trl(tiny_model_dir, tiny_reference_dir, tmp_path):

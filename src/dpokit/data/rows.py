@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from dpokit.errors import DpokitError, where
+from dpokit.errors import DpokitError, InMemory, where
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 FIELDS = ("prompt", "chosen", "rejected")
@@ -112,7 +112,8 @@ def validate_records(records: Iterable[tuple[int, Any]], path: object) -> tuple[
         elif row.conversational != first.conversational:
             kinds = {True: "conversational", False: "standard"}
             raise DpokitError(
-                f"{where(path, line, 'chosen')} is {kinds[row.conversational]} but line {first.line} is "
+                f"{where(path, line, 'chosen')} is {kinds[row.conversational]} but "
+                f"{'row' if isinstance(path, InMemory) else 'line'} {first.line} is "
                 f"{kinds[first.conversational]}; a dataset must use one format"
             )
         if row.chosen == row.rejected:
