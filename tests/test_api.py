@@ -109,3 +109,5 @@ def test_audit_returns_findings(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [*ROWS, ROWS[0]])
     findings = dpokit.audit(path)
     assert findings and all(isinstance(f, dpokit.Finding) for f in findings)
+    in_memory = dpokit.audit(pd.DataFrame([*ROWS, ROWS[0]]))
+    assert [f.code for f in in_memory] == [f.code for f in findings]  # evidence counts rows from 0 there

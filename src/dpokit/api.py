@@ -151,16 +151,17 @@ def evaluate(
         )
 
 
-def audit(data: str | os.PathLike, model: str | None = None, max_length: int = 1024) -> list[Finding]:
+def audit(data: Data, model: str | None = None, max_length: int = 1024) -> list[Finding]:
     """What in a preference dataset will hurt DPO (length bias, shortcuts, near-identical pairs, ...), as
     `dpokit audit` finds it, worst first; with `model`, also the tokenizer and step-0 reference checks.
+    The data is a path or rows held in memory, as for `train`.
 
     >>> findings = dpokit.audit("pairs.jsonl")
     >>> [(f.severity, f.title) for f in findings]
     """
     from dpokit.diagnostics.audit import audit_dataset
 
-    return audit_dataset(str(data), model, max_length)[1]
+    return audit_dataset(as_rows(data), model, max_length)[1]
 
 
 def doctor(run_dir: str | os.PathLike) -> list[Finding]:

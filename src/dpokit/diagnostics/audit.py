@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dpokit.atomic import write_atomic
-from dpokit.data.prepare import resolve_path
+from dpokit.data.prepare import Rows, resolve_path
 from dpokit.data.reading import read_records
 from dpokit.data.rows import PreferenceRow, validate_records
 from dpokit.diagnostics.audit_model import estimated_truncation, model_checks
@@ -37,25 +37,35 @@ from dpokit.diagnostics.audit_text import (
     text_pairs,
 )
 from dpokit.diagnostics.findings import Finding, print_findings, sort_findings
+from dpokit.errors import InMemory
 
 
-def read_rows(source: str) -> tuple[list[PreferenceRow], list[int]]:
-    """Validated rows, and the lines of the pairs that reading skips because chosen == rejected.
+def read_rows(source: str | Rows) -> tuple[list[PreferenceRow], list[int]]:
+    """Validated rows of a file (or of rows held in memory, numbered from 0), and the lines of the pairs that
+    reading skips because chosen == rejected.
 
     Raises DpokitError (naming file, line and field) for a missing, empty or malformed dataset.
     """
-    records = list(read_records(source))
+    if isinstance(source, str):
+        records = list(read_records(source))
+    else:
+        records, source = list(enumerate(source)), InMemory("data")
     rows, _ = validate_records(records, source)
     kept = {row.line for row in rows}
     return rows, [line for line, _ in records if line not in kept]
 
 
-def audit_dataset(data: str, model: str | None, max_length: int) -> tuple[Stats, list[Finding]]:
-    """Every check on one dataset: (stats for the report, findings worst first)."""
-    source = resolve_path(data)
+def audit_dataset(data: str | Rows, model: str | None, max_length: int) -> tuple[Stats, list[Finding]]:
+    """Every check on one dataset, a path or rows held in memory: (stats for the report, findings worst first)."""
+    source = resolve_path(data) if isinstance(data, str) else data
     rows, identical = read_rows(source)
     pairs = text_pairs(rows)
-    stats: Stats = {"data": source, "model": model, "pairs": len(rows), "identical_skipped": len(identical)}
+    stats: Stats = {
+        "data": source if isinstance(source, str) else "<rows in memory>",
+        "model": model,
+        "pairs": len(rows),
+        "identical_skipped": len(identical),
+    }
     stats["similarity"], findings = similar_pairs(pairs, identical)
     if not rows:
         evidence = f"All {len(identical)} rows have chosen == rejected: there is nothing to train on."
