@@ -19,6 +19,7 @@ from dpokit.errors import DpokitError
 from dpokit.logprobs import compute_logps, padded_pair_logps
 from dpokit.losses import LOSSES
 from dpokit.models.loading import add_lora, load_model, load_tokenizer, reference_context
+from dpokit.reference import cache as cache_module
 from dpokit.reference.cache import cached_reference_logps
 from dpokit.train import checkpoint as checkpoint_module
 from dpokit.train.hooks import RunHooks
@@ -74,8 +75,8 @@ def test_lora_with_adapters_disabled_is_exactly_the_base(tiny_model_dir, standar
 def test_precomputed_reference_equals_live_and_cache_is_keyed(
     tiny_model_dir, tiny_reference_dir, standard_file, tmp_path, monkeypatch
 ):
-    """Cached reference log-probs equal a live forward; a different model, max_length or torch build misses
-    the cache."""
+    """Cached reference log-probs equal a live forward; a different model, max_length, torch build or dpokit
+    source (same version string) misses the cache."""
     tokenizer = load_tokenizer(str(tiny_model_dir))
     pairs, _ = load_pairs(str(standard_file), tokenizer, 1024)
     logps_fn = partial(padded_pair_logps, pad_token_id=tokenizer.pad_token_id)
@@ -96,6 +97,12 @@ def test_precomputed_reference_equals_live_and_cache_is_keyed(
     monkeypatch.setattr(torch, "__version__", "0.0.0-another-build")
     _, hit = cached_reference_logps(reference, pairs, logps_fn, tmp_path)
     assert not hit, "another torch build may round differently and must not reuse the cache"
+    monkeypatch.undo()
+    _, hit = cached_reference_logps(reference, pairs, logps_fn, tmp_path)
+    assert hit
+    monkeypatch.setattr(cache_module, "code_fingerprint", lambda: "other dpokit sources, same version")
+    _, hit = cached_reference_logps(reference, pairs, logps_fn, tmp_path)
+    assert not hit, "dpokit code that computes log-probs differently must not reuse the cache"
 
 
 def test_eight_pairs_one_step_equals_one_pair_eight_accumulations(tiny_model_dir, standard_file, tmp_path):

@@ -8,6 +8,7 @@ from the policy at step 0 by rounding alone shows as a spurious non-zero startin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -72,10 +73,22 @@ def pairs_fingerprint(pairs: list[TokenizedPair]) -> str:
     return digest.hexdigest()
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """Hash of dpokit's own source files: the version string stays 0.1.0 across commits that change the
+    kernels (segment attention, chunked log-probs), and a cache written by other code must miss, not be
+    read back as if this code had computed it."""
+    digest = hashlib.blake2b(digest_size=16)
+    root = Path(dpokit.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def cache_key(model: torch.nn.Module, pairs: list[TokenizedPair], method: str) -> str:
     """Key of a reference cache: reference weights, token ids of every pair, how log-probs were computed,
-    and the code that computed them."""
-    versions = f"dpokit {dpokit.__version__}, torch {torch.__version__}"
+    and the code that computed them (dpokit's sources, torch's version)."""
+    versions = f"dpokit {dpokit.__version__} {code_fingerprint()}, torch {torch.__version__}"
     return hashlib.blake2b(
         f"{weights_fingerprint(model)}|{pairs_fingerprint(pairs)}|{method}|{versions}".encode(),
         digest_size=16,
