@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
+from dpokit.atomic import write_atomic
 from dpokit.config import RunConfig
 from dpokit.data.prepare import read_prompts
 from dpokit.diagnostics.findings import print_findings
@@ -116,4 +117,4 @@ class RunHooks:
             "judge_before": self.judge_means[steps[0]] if steps else None,
             "judge_after": self.judge_means[steps[-1]] if steps else None,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
