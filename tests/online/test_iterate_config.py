@@ -63,3 +63,26 @@ def test_bad_prompt_files_name_the_line(tmp_path) -> None:
         read_prompts(str(tmp_path / "q.jsonl"))
     with pytest.raises(DpokitError, match="no such prompts file"):
         read_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_resume_refuses_a_changed_config_naming_the_fields(tmp_path) -> None:
+    """A resumed iterate run with other settings than it started with stops at once, naming them (dotted for
+    the train section); more rounds are allowed."""
+    import yaml
+
+    from dpokit.online.loop import iterate
+
+    path = write(tmp_path, f"prompts: p.txt\neval_prompts: e.txt\noutput_dir: {tmp_path / 'run'}\n")
+    started = load_iterate_config(path, ["rounds=1"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(started.model_dump(), sort_keys=False))
+    changed = load_iterate_config(path, ["rounds=3", "train.beta=0.2", "min_score_gap=0.5"])
+    with pytest.raises(
+        DpokitError, match=r"cannot resume, train\.beta, min_score_gap changed since the run"
+    ) as error:
+        iterate(changed, resume=True)
+    assert "\n" not in str(error.value)
+    with pytest.raises(
+        DpokitError, match="p.txt"
+    ):  # same settings, more rounds: past the check, to the prompts
+        iterate(load_iterate_config(path, ["rounds=3"]), resume=True)

@@ -247,6 +247,19 @@ def evaluate_stage(loop: Loop, n: int) -> dict[str, Any]:
     return record
 
 
+def config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between a run's saved config and this one; `rounds` may
+    grow (running more rounds is what resuming a finished run is for)."""
+    changed = []
+    for key, value in current.items():
+        old = saved.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            changed += config_changes(old, value, f"{prefix}{key}.")
+        elif old != value and not (prefix == "" and key == "rounds"):
+            changed.append(prefix + key)
+    return changed
+
+
 def iterate(config: IterateConfig, resume: bool = False, console: Console | None = None) -> Path:
     """Run (or, with resume, continue) the on-policy loop; returns the run directory."""
     console = console or Console(stderr=True)
@@ -256,6 +269,15 @@ def iterate(config: IterateConfig, resume: bool = False, console: Console | None
         raise DpokitError(
             f"{run_dir}: already holds a run; pass --resume to continue it or choose another output_dir"
         )
+    if resume and (run_dir / "config.yaml").exists():
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        current = yaml.safe_load(yaml.safe_dump(config.model_dump(), sort_keys=False))
+        changed = config_changes(saved, current)
+        if changed:
+            raise DpokitError(
+                f"{run_dir / 'config.yaml'}: cannot resume, {', '.join(changed)} changed since the run started "
+                "(finished rounds were made with the old values); restore them or use another output_dir"
+            )
     # Bad prompt files and judges fail now, not in round 1.
     prompts, eval_prompts = read_prompts(config.prompts), read_prompts(config.eval_prompts)
     loop = Loop(
