@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dpokit.data.prepare import read_prompts as read_text_prompts
 from dpokit.data.prepare import resolve_path
 from dpokit.data.reading import read_records
 from dpokit.data.rows import Text, _check_field
@@ -17,9 +18,7 @@ def read_prompts(source: str) -> list[Text]:
     """
     path = Path(resolve_path(source))
     if path.suffix.lower() == ".txt":
-        if not path.exists():
-            raise DpokitError(f"{path}: no such prompts file")
-        prompts: list[Text] = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts: list[Text] = list(read_text_prompts(source))  # the sample prompts' reader
     else:
         prompts = []
         for line, record in read_records(path):
