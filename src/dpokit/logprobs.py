@@ -73,6 +73,18 @@ def padded_pair_logps(model: torch.nn.Module, pairs: list[TokenizedPair], pad_to
     return PairLogps(chosen, rejected, chosen_lengths, rejected_lengths)
 
 
+def length_batches(
+    pairs: list[TokenizedPair], batch_size: int, max_tokens: int | None = None
+) -> list[list[int]]:
+    """Dataset indices of `pairs` in the batches `compute_logps` runs: length order, so a batch holds pairs of
+    similar length (less padding); `batch_size` pairs a batch, or as many as `max_tokens` tokens hold."""
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].num_tokens)
+    if max_tokens is None:
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    groups = token_batches([pairs[i].num_tokens for i in order], max_tokens)
+    return [[order[j] for j in group] for group in groups]
+
+
 def compute_logps(
     model: torch.nn.Module,
     pairs: list[TokenizedPair],
@@ -83,16 +95,10 @@ def compute_logps(
 ) -> PairLogps:
     """Log-probs of every pair, without gradients, returned in dataset order (on the CPU).
 
-    Pairs go in length order, so a batch holds pairs of similar length (less padding): `batch_size` pairs a
-    batch, or as many as `max_tokens` tokens hold when given. Results stay on the model's device until the
-    end: no host sync per batch.
+    Batches as `length_batches` makes them. Results stay on the model's device until the end: no host sync
+    per batch.
     """
-    order = sorted(range(len(pairs)), key=lambda i: pairs[i].num_tokens)
-    if max_tokens is None:
-        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    else:
-        groups = token_batches([pairs[i].num_tokens for i in order], max_tokens)
-        batches = [[order[j] for j in group] for group in groups]
+    batches = length_batches(pairs, batch_size, max_tokens)
     results = []
     with torch.inference_mode():
         for batch in tqdm(batches, desc=desc, unit="batch", leave=False):

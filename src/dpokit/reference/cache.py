@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import dpokit
 from dpokit.atomic import publish_file
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.logprobs import LogpsFn, PairLogps, compute_logps
+from dpokit.logprobs import LogpsFn, PairLogps, compute_logps, length_batches
 
 # Two (multiplier, offset) pairs: each tensor is summarised by two sums of its 32-bit words weighted by
 # (multiplier * position + offset), in int64 arithmetic that wraps modulo 2^64 — 128 bits in all.
@@ -85,6 +86,38 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
+# How far a recomputed batch may differ from its cached log-probs, (absolute nats, relative to |log-prob|).
+# The check recomputes the same batch the cache computed, so the same code on the same machine agrees to
+# the bit; the margins cover another CPU's or GPU's rounding. Autocast rounds each matmul to 8 bits of
+# mantissa, hence its wider margin.
+FP32_TOLERANCE = (1e-3, 2e-6)
+AUTOCAST_TOLERANCE = (5e-2, 1e-3)
+
+
+def spot_check_error(
+    model: torch.nn.Module,
+    pairs: list[TokenizedPair],
+    logps_fn: LogpsFn,
+    batch: list[int],
+    cached: PairLogps,
+    tolerance: tuple[float, float],
+) -> float | None:
+    """None when the log-probs of `pairs[batch]` recomputed now agree with `cached` within `tolerance`,
+    else the largest absolute difference in nats."""
+    with torch.inference_mode():
+        fresh = logps_fn(model, [pairs[i] for i in batch])
+    atol, rtol = tolerance
+    worst = 0.0
+    agree = True
+    for side in ("chosen", "rejected"):
+        want = getattr(cached, side)[batch]
+        got = getattr(fresh, side).float().cpu()
+        difference = (got - want).abs()
+        agree &= bool((difference <= atol + rtol * want.abs()).all())
+        worst = max(worst, difference.max().item())
+    return None if agree else worst
+
+
 def cache_key(model: torch.nn.Module, pairs: list[TokenizedPair], method: str) -> str:
     """Key of a reference cache: reference weights, token ids of every pair, how log-probs were computed,
     and the code that computed them (dpokit's sources, torch's version)."""
@@ -104,15 +137,33 @@ def cached_reference_logps(
     method: str = "padded",
     desc: str = "reference log-probs",
     max_tokens: int | None = None,
+    tolerance: tuple[float, float] = FP32_TOLERANCE,
 ) -> tuple[PairLogps, bool]:
     """Reference log-probs of `pairs`, from the cache when the key matches; returns (logps, cache_hit).
-    Batches as `compute_logps` makes them (`batch_size` pairs, or up to `max_tokens` tokens)."""
+    Batches as `compute_logps` makes them (`batch_size` pairs, or up to `max_tokens` tokens).
+
+    A hit is trusted only after its first batch is recomputed and agrees within `tolerance` (absolute nats,
+    relative): a stale entry would make the policy differ from its reference before any step (a first loss
+    off ln 2 and every loss after it shifted), so it is recomputed instead, with a warning. The check
+    costs one batch of the pass it saves.
+    """
     path = cache_dir / f"{cache_key(model, pairs, method)}.safetensors"
     if path.exists():
         tensors = load_file(path)
-        return PairLogps(
+        cached = PairLogps(
             tensors["chosen"], tensors["rejected"], tensors["chosen_lengths"], tensors["rejected_lengths"]
-        ), True
+        )
+        first = length_batches(pairs, batch_size, max_tokens)[0]
+        error = spot_check_error(model, pairs, logps_fn, first, cached, tolerance)
+        if error is None:
+            return cached, True
+        warnings.warn(
+            f"{path}: the cached reference log-probs differ from this reference model's by up to {error:.3g} "
+            f"nats on {len(first)} pairs recomputed as a check (a cache written by other code or weights under "
+            "the same key); recomputing it",
+            UserWarning,
+            stacklevel=2,
+        )
     logps = compute_logps(model, pairs, logps_fn, batch_size, desc, max_tokens)
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".partial-{path.name}.{os.getpid()}")

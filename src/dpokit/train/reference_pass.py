@@ -10,9 +10,11 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+import torch
+
 from dpokit.logprobs import compute_logps
 from dpokit.models.loading import reference_context
-from dpokit.reference.cache import cached_reference_logps
+from dpokit.reference.cache import AUTOCAST_TOLERANCE, FP32_TOLERANCE, cached_reference_logps
 from dpokit.train.run import Run
 
 
@@ -30,16 +32,31 @@ def reference_pass(run: Run) -> None:
             f"packing={config.packing},share={config.share_prompt},chunk={config.logps_chunk_size},"
             f"precision={run.precision.name}"
         )
+        tolerance = FP32_TOLERANCE if run.precision.compute_dtype == torch.float32 else AUTOCAST_TOLERANCE
         with reference_context(run.policy, run.reference) as model:
             data.train_reference, hit = cached_reference_logps(
-                model, data.train, run.logps_fn, cache_dir, batch_size, method, max_tokens=max_tokens
+                model,
+                data.train,
+                run.logps_fn,
+                cache_dir,
+                batch_size,
+                method,
+                max_tokens=max_tokens,
+                tolerance=tolerance,
             )
             run.console.print(
                 f"reference log-probs of {len(data.train)} train pairs: {'cache hit' if hit else 'computed'}"
             )
             if data.eval:
                 data.eval_reference, _ = cached_reference_logps(
-                    model, data.eval, run.logps_fn, cache_dir, batch_size, method, max_tokens=max_tokens
+                    model,
+                    data.eval,
+                    run.logps_fn,
+                    cache_dir,
+                    batch_size,
+                    method,
+                    max_tokens=max_tokens,
+                    tolerance=tolerance,
                 )
         run.reference = None  # every reference log-prob is on hand: free the weights before training
         gc.collect()
