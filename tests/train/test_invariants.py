@@ -61,7 +61,7 @@ def test_lora_with_adapters_disabled_is_exactly_the_base(tiny_model_dir, standar
     base = load_model(str(tiny_model_dir))
     with torch.no_grad():
         expected = logps_fn(base, pairs[:4])
-    policy = add_lora(load_model(str(tiny_model_dir)), 4, 8, 0.0, "all-linear", False, False)
+    policy = add_lora(load_model(str(tiny_model_dir)), 4, 8, 0.0, "all-linear", False)
     with torch.no_grad():
         for name, parameter in policy.named_parameters():
             if "lora_B" in name:

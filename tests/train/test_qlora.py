@@ -41,7 +41,7 @@ def test_qlora_reference_is_the_quantized_base(qlora_model_dir, standard_file):
     assert any("4bit" in type(m).__name__ for m in base.modules()), "weights are 4-bit"
     with torch.no_grad():
         expected = logps_fn(base, pairs[:4])
-    policy = add_lora(base, 4, 8, 0.0, "all-linear", quantized=True, gradient_checkpointing=False)
+    policy = add_lora(base, 4, 8, 0.0, "all-linear", quantized=True)
     with reference_context(policy, None) as reference:
         got = logps_fn(reference, pairs[:4])
     assert torch.equal(got.chosen, expected.chosen)

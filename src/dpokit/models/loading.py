@@ -95,13 +95,14 @@ def add_lora(
     dropout: float,
     target_modules: str | list[str],
     quantized: bool,
-    gradient_checkpointing: bool,
 ) -> PreTrainedModel:
     """Wrap `model` with fresh LoRA adapters (peft); the base weights stay frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        # Checkpointing, when asked, is already on (enable_checkpointing); peft must not redo it without our
+        # recompute context. It still freezes and upcasts the base as QLoRA needs.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )

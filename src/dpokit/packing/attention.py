@@ -7,12 +7,15 @@ runs as the causal block [prompt, rejected], whose prompt rows (recomputed, iden
 
 The kernel is registered with transformers' AttentionInterface and switched on only around a packed forward
 (`packed_attention`). On CUDA, packing/flex.py's one-call-per-layer FlexAttention kernel replaces it.
+Activation checkpointing reruns each layer's forward during backward, after that switch has been undone;
+`enable_checkpointing` makes the rerun use the kernel the forward used.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +62,48 @@ AttentionInterface.register(SEGMENT_KERNEL, segment_sdpa)
 @contextlib.contextmanager
 def packed_attention(model: torch.nn.Module, name: str) -> Iterator[None]:
     """Route `model`'s attention through the registered kernel `name` (SEGMENT_KERNEL, or FLEX_KERNEL of
-    packing/flex.py) inside the block, and back after it (not for models with activation checkpointing: their
-    backward reruns the forward after the block)."""
+    packing/flex.py) inside the block, and back after it. A checkpointed model's backward reruns the forward
+    after the block: only checkpointing set up by `enable_checkpointing` reruns it with the same kernel."""
     previous = model.config._attn_implementation
     model.set_attn_implementation(name)
     try:
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+# Set on a model whose checkpointed layers recompute with the kernel their forward ran (enable_checkpointing).
+RECOMPUTES_KERNEL = "_dpokit_recomputes_attention_kernel"
+
+
+@contextlib.contextmanager
+def _attention_implementation(config: Any, name: str) -> Iterator[None]:
+    """The attention layers read `config._attn_implementation` at each call; set it for the block only."""
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def checkpointing_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    """torch.utils.checkpoint arguments under which each layer's recomputation in backward runs the attention
+    kernel that its forward ran (read when the layer's forward runs, restored after the recomputation)."""
+    config = model.config
+
+    def context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), _attention_implementation(config, config._attn_implementation)
+
+    return {"use_reentrant": False, "context_fn": context_fn}
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation checkpointing on a transformers model that keeps packed rows on their fast kernels (the
+    per-segment or flex one) instead of falling back to a dense 4-D mask."""
+    kwargs = checkpointing_kwargs(model)
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    setattr(model, RECOMPUTES_KERNEL, True)

@@ -17,7 +17,7 @@ import torch
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logprobs import LogpsFn, PairLogps, padded_pair_logps
 from dpokit.packing import flex
-from dpokit.packing.attention import SEGMENT_KERNEL, packed_attention
+from dpokit.packing.attention import RECOMPUTES_KERNEL, SEGMENT_KERNEL, packed_attention
 from dpokit.packing.chunked import DEFAULT_CHUNK_SIZE, chunked_token_logps, dense_token_logps
 from dpokit.packing.layout import layout_pairs
 
@@ -49,9 +49,10 @@ def attention_mode(model: torch.nn.Module, row_length: int) -> str:
     if config.model_type not in PACKING_FAMILIES or (window is not None and row_length > window):
         return "padded"  # a 4-D mask replaces the sliding-window mask, exact only while rows fit the window
     # Checkpointing reruns the forward in backward, after packed_attention has switched back to SDPA, which
-    # ignores packed_spans and packed_block_mask: it must meet the same kernel there, so checkpointed models take
-    # the mask (the per-segment and the flex kernel alike).
-    if config._attn_implementation in SEGMENT_ATTENTION and not base.is_activation_checkpointing:
+    # ignores packed_spans and packed_block_mask. Set up by enable_checkpointing, the rerun gets the forward's
+    # kernel back; otherwise checkpointed models take the mask (the per-segment and the flex kernel alike).
+    recomputes_kernel = getattr(base, RECOMPUTES_KERNEL, False) or not base.is_activation_checkpointing
+    if config._attn_implementation in SEGMENT_ATTENTION and recomputes_kernel:
         device = base.get_input_embeddings().weight.device
         # flex_attention has no dropout; the per-segment SDPA calls do.
         flex_fits = flex.flex_attention is not None and not getattr(config, "attention_dropout", 0.0)

@@ -27,6 +27,7 @@ from dpokit.logprobs import LogpsFn, PairLogps
 from dpokit.losses import LOSSES, LossFn, LossParams
 from dpokit.models.loading import adapter_base, add_lora, load_adapter, load_model, load_tokenizer
 from dpokit.packing import build_logps_fn
+from dpokit.packing.attention import enable_checkpointing
 from dpokit.reference.cache import pairs_fingerprint
 from dpokit.train.precision import Precision, resolve_precision
 
@@ -144,7 +145,7 @@ def load_policy(config: RunConfig, precision: Precision, device: torch.device) -
     adapter_of = adapter_base(config.model) if config.use_lora else None
     policy = load_model(adapter_of or config.model, dtype, config.trust_remote_code, config.load_in_4bit)
     if config.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(policy)  # the backward's reruns keep packed rows on their attention kernel
         policy.enable_input_require_grads()
     if adapter_of is not None:
         policy = load_adapter(config.model, policy, trainable=True)
@@ -156,7 +157,6 @@ def load_policy(config: RunConfig, precision: Precision, device: torch.device) -
             config.lora_dropout,
             config.lora_target_modules,
             config.load_in_4bit,
-            config.gradient_checkpointing,
         )
     return policy.to(device)
 
