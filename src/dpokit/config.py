@@ -58,6 +58,12 @@ class RunConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% slower."
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer of the policy (one graph, reused by every layer). "
+        "Costs minutes of compilation at the start (about 2 on a 2-core CPU for a tiny model); worth it for "
+        "long runs. Our packed attention kernels stay as they are inside it.",
+    )
 
     packing: bool = Field(
         True,

@@ -109,6 +109,18 @@ def add_lora(
     return get_peft_model(model, config)
 
 
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile each decoder layer in place: regional compilation, one layer's graph compiled once and
+    reused by every layer (their weights are inputs to it), where compiling the whole model would trace the
+    loss code and our hooks too. Call after LoRA is added: changing a compiled layer recompiles it."""
+    base = model.get_base_model() if is_peft(model) else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise DpokitError(f"compile: {type(base).__name__} has no list of decoder layers to compile")
+    for layer in layers:
+        layer.compile()
+
+
 def load_adapter(path: str, base: PreTrainedModel, trainable: bool = False) -> PreTrainedModel:
     """Attach a saved PEFT adapter to `base`: frozen (evaluation, export) or trainable (training goes on
     from it)."""

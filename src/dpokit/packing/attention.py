@@ -56,7 +56,9 @@ def segment_sdpa(
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(SEGMENT_KERNEL, segment_sdpa)
+# Its Python loop over segments changes with every batch: under `compile: true` it runs eagerly between the
+# compiled parts of each layer instead of being traced (and recompiled) per batch.
+AttentionInterface.register(SEGMENT_KERNEL, torch.compiler.disable(segment_sdpa))
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ def reference_pass(run: Run) -> None:
         # more: all part of the key.
         method = (
             f"packing={config.packing},share={config.share_prompt},chunk={config.logps_chunk_size},"
-            f"precision={run.precision.name}"
+            f"precision={run.precision.name},compile={config.compile}"
         )
         tolerance = FP32_TOLERANCE if run.precision.compute_dtype == torch.float32 else AUTOCAST_TOLERANCE
         with reference_context(run.policy, run.reference) as model:

@@ -25,7 +25,14 @@ from dpokit.data.tokenize import TokenizedPair
 from dpokit.errors import DpokitError
 from dpokit.logprobs import LogpsFn, PairLogps
 from dpokit.losses import LOSSES, LossFn, LossParams
-from dpokit.models.loading import adapter_base, add_lora, load_adapter, load_model, load_tokenizer
+from dpokit.models.loading import (
+    adapter_base,
+    add_lora,
+    compile_layers,
+    load_adapter,
+    load_model,
+    load_tokenizer,
+)
 from dpokit.packing import build_logps_fn
 from dpokit.packing.attention import enable_checkpointing
 from dpokit.reference.cache import pairs_fingerprint
@@ -158,6 +165,8 @@ def load_policy(config: RunConfig, precision: Precision, device: torch.device) -
             config.lora_target_modules,
             config.load_in_4bit,
         )
+    if config.compile:
+        compile_layers(policy)  # after LoRA: changing a compiled layer would recompile it
     return policy.to(device)
 
 
