@@ -146,7 +146,7 @@ def matmul_params(model: torch.nn.Module) -> int:
     return total + head.weight.numel() if head.weight is embedding.weight else total
 
 
-def run_dpokit(spec: Spec, checkpointing: bool) -> dict:
+def run_dpokit(spec: Spec, checkpointing: bool, compile: bool = False) -> dict:
     """dpokit's training path as dpokit.train.loop.train composes it: setup_run, reference_pass (a fresh cache,
     so the reference log-probs are computed), setup_optimizer, then train_step for each step; no eval, samples,
     trackers or checkpoints (which TRL's side has no counterpart for here)."""
@@ -195,6 +195,7 @@ def run_dpokit(spec: Spec, checkpointing: bool) -> dict:
             token_budget=spec.token_budget,
             logps_chunk_size=spec.chunk_size,
             gradient_checkpointing=checkpointing,
+            compile=compile,
             cache_dir=str(Path(tmp) / "cache"),
             output_dir=str(Path(tmp) / "run"),
             seed=spec.seed,
@@ -334,7 +335,9 @@ def child(system: str, spec_path: str) -> None:
     if system in TRL_SETTINGS:
         result = run_trl(spec, TRL_SETTINGS[system])
     else:
-        result = run_dpokit(spec, checkpointing=system == "dpokit_checkpointing")
+        result = run_dpokit(
+            spec, checkpointing=system == "dpokit_checkpointing", compile=system == "dpokit_compile"
+        )
     Path(spec.out).write_text(json.dumps(result))
 
 
@@ -453,7 +456,7 @@ def main() -> None:
     parser.add_argument(
         "--systems",
         default=",".join(SYSTEMS),
-        help=f"of dpokit, dpokit_checkpointing, {', '.join(TRL_SETTINGS)}",
+        help=f"of dpokit, dpokit_checkpointing, dpokit_compile, {', '.join(TRL_SETTINGS)}",
     )
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs per system; each system's fastest is kept"
