@@ -445,6 +445,9 @@ def main() -> None:
     parser.add_argument(
         "--precision", choices=precisions, help="dpokit's RunConfig.precision (default: auto)"
     )
+    parser.add_argument(
+        "--lora", action="store_true", help="LoRA r16 on every system (always on for smollm2)"
+    )
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16, help="pairs per optimizer step (effective batch)")
     parser.add_argument("--micro-batch", type=int, default=8, help="pairs per forward (TRL's default 8)")
@@ -472,7 +475,7 @@ def main() -> None:
         parser.error("--json is required")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
-    lora = args.model == "smollm2"
+    lora = args.lora or args.model == "smollm2"
     # --device cpu hides any GPU from the children, so that neither accelerate nor TRL picks it.
     env = {**os.environ, "TQDM_DISABLE": "1"} | ({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})
     with tempfile.TemporaryDirectory(prefix="dpokit-bench-") as tmp:
