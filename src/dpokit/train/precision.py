@@ -13,8 +13,10 @@ in bf16.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -91,4 +93,34 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Precision(name, device.type)
+    precision = Precision(name, device.type)
+    half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(precision.compute_dtype)
+    if device.type == "cpu" and half and not cpu_has_half_matmuls(half):
+        warnings.warn(
+            f"precision: {name} on a CPU without {half} matrix instructions: its {half} matmuls run in a slow "
+            "fallback (a 512x2048 by 2048x2048 bf16 product took 39 s against 0.12 s in fp32 on a 2-core AVX2 "
+            "machine); use precision: fp32 (the CPU default)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return precision
+
+
+# /proc/cpuinfo flags of the x86 and Arm instructions that run bf16 / fp16 matrix products natively.
+HALF_MATMUL_FLAGS = {
+    "bf16": {"avx512_bf16", "amx_bf16", "bf16"},
+    "fp16": {"avx512_fp16", "amx_fp16", "fphp", "asimdhp"},
+}
+
+
+def cpu_has_half_matmuls(kind: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has instructions for `kind` ("bf16" or "fp16") matrix products; True when unknown
+    (no /proc/cpuinfo), so that nothing warns without evidence."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return True
+    flags = {
+        flag for line in text.splitlines() if line.startswith(("flags", "Features")) for flag in line.split()
+    }
+    return bool(flags & HALF_MATMUL_FLAGS[kind])
