@@ -1,20 +1,17 @@
 """The LLM judge against a real HTTP server on 127.0.0.1 speaking OpenAI chat-completions JSON.
 
-The stub server's `reply(body, count)` decides each answer: a (status, content) pair, after an optional
-sleep. It counts requests and the most requests it held at once (overlap, not wall-clock).
+The stub server (openai_stub.py, the `server` fixture) answers each request as its `reply(body, count)`
+says, and records the requests.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
-import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from openai_stub import StubServer
 from test_loop import iterate_config
 
 from dpokit.errors import DpokitError
@@ -24,68 +21,6 @@ from dpokit.online.http_judge import LLMJudge, parse_choice, parse_score
 from dpokit.online.judges import build_judge
 
 KEY = "sk-test-0123456789-do-not-leak"
-
-
-class StubServer(ThreadingHTTPServer):
-    reply: Callable[[dict, int], tuple[int, str]]
-    sleep_s: float = 0.0
-    barrier: threading.Barrier | None = None
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.lock = threading.Lock()
-        self.bodies: list[dict] = []
-        self.headers_seen: list[dict] = []
-        self.paths: list[str] = []
-        self.in_flight = self.max_in_flight = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: StubServer
-
-    def do_POST(self) -> None:
-        server = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with server.lock:
-            count = len(server.bodies)
-            server.bodies.append(body)
-            server.headers_seen.append(dict(self.headers))
-            server.paths.append(self.path)
-            server.in_flight += 1
-            server.max_in_flight = max(server.max_in_flight, server.in_flight)
-        try:
-            if server.barrier is not None:
-                server.barrier.wait(timeout=5)  # passes only once `parties` requests are in flight together
-            time.sleep(server.sleep_s)
-            status, content = server.reply(body, count)
-            payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(payload.encode())
-        except (OSError, threading.BrokenBarrierError):  # the client gave up (timeout test)
-            pass
-        finally:
-            with server.lock:
-                server.in_flight -= 1
-
-    def log_message(self, *args) -> None:  # keep the test output quiet
-        pass
-
-
-@pytest.fixture
-def server() -> Iterator[StubServer]:
-    stub = StubServer()
-    thread = threading.Thread(target=stub.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield stub
-    stub.shutdown()
-    stub.server_close()
-    thread.join(timeout=5)
 
 
 def judge(server: StubServer, **fields) -> LLMJudge:

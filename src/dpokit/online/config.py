@@ -6,6 +6,7 @@ The `train:` section is exactly a `dpokit train` config (the same fields and val
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -32,25 +33,17 @@ PAIRWISE_PROMPT = (
 PLACEHOLDERS = {"pointwise": ("{prompt}", "{answer}"), "pairwise": ("{prompt}", "{answer_a}", "{answer_b}")}
 
 
-class LLMJudgeConfig(BaseModel):
-    """An LLM judge over an OpenAI-compatible chat-completions API: `judge:` given as a mapping."""
+def fill(template: str, values: dict[str, str]) -> str:
+    """Substitute the {name} placeholders of a config template in one pass: text inside a value is never
+    re-filled, and other braces (unknown names, JSON) stay as written."""
+    return re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+class HTTPClientConfig(BaseModel):
+    """How requests reach an OpenAI-compatible API: shared by the LLM judge and the `openai` backend."""
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(
-        description="Base URL of the API, e.g. http://127.0.0.1:8080/v1 (requests go to URL/chat/completions)."
-    )
-    model: str = Field(description="The `model` field of each request.")
-    mode: Literal["pointwise", "pairwise"] = Field(
-        "pointwise",
-        description="pointwise: a score per answer, parsed from the reply. pairwise: A/B comparisons; "
-        "an answer's score is its share of wins in a round robin against the other answers to its prompt.",
-    )
-    prompt: str | None = Field(
-        None,
-        description="The user message template: {prompt} and {answer} (pointwise) or {prompt}, {answer_a} "
-        "and {answer_b} (pairwise). None: a built-in template asking for 'Score: N' (1-10) or 'Winner: A|B'.",
-    )
     api_key_env: str | None = Field(
         None,
         description="Name of the environment variable holding the API key, sent as a Bearer token and never "
@@ -66,6 +59,30 @@ class LLMJudgeConfig(BaseModel):
     backoff_s: float = Field(
         1.0, ge=0.0, description="Wait before the first retry in seconds; doubled at each further retry."
     )
+
+
+def _check_url(url: str) -> None:
+    if not url.startswith(("http://", "https://")):
+        raise ValueError("field 'url': must start with http:// or https://")
+
+
+class LLMJudgeConfig(HTTPClientConfig):
+    """An LLM judge over an OpenAI-compatible chat-completions API: `judge:` given as a mapping."""
+
+    url: str = Field(
+        description="Base URL of the API, e.g. http://127.0.0.1:8080/v1 (requests go to URL/chat/completions)."
+    )
+    model: str = Field(description="The `model` field of each request.")
+    mode: Literal["pointwise", "pairwise"] = Field(
+        "pointwise",
+        description="pointwise: a score per answer, parsed from the reply. pairwise: A/B comparisons; "
+        "an answer's score is its share of wins in a round robin against the other answers to its prompt.",
+    )
+    prompt: str | None = Field(
+        None,
+        description="The user message template: {prompt} and {answer} (pointwise) or {prompt}, {answer_a} "
+        "and {answer_b} (pairwise). None: a built-in template asking for 'Score: N' (1-10) or 'Winner: A|B'.",
+    )
     max_tokens: int = Field(64, ge=1, description="Tokens the judge may reply with.")
     temperature: float = Field(
         0.0, ge=0.0, description="Judge sampling temperature; 0 for repeatable scores."
@@ -73,8 +90,7 @@ class LLMJudgeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> LLMJudgeConfig:
-        if not self.url.startswith(("http://", "https://")):
-            raise ValueError("field 'url': must start with http:// or https://")
+        _check_url(self.url)
         if self.prompt is not None:
             missing = [p for p in PLACEHOLDERS[self.mode] if p not in self.prompt]
             if missing:
@@ -92,6 +108,68 @@ JudgeSpec = Annotated[
     Annotated[str, Tag("spec")] | Annotated[LLMJudgeConfig, Tag("llm")],
     Discriminator(lambda value: "llm" if isinstance(value, dict | LLMJudgeConfig) else "spec"),
 ]
+
+
+class OpenAIBackendConfig(HTTPClientConfig):
+    """Generation by an OpenAI-compatible completions server: the `openai:` section of `backend: openai`.
+
+    Each answer is one request to URL/completions (k per prompt, each with its own seed), so its
+    `usage.completion_tokens` is that answer's length.
+    """
+
+    url: str = Field(
+        "http://127.0.0.1:{port}/v1",
+        description="Base URL of the server (requests go to URL/completions); {port} is the port dpokit "
+        "picks for server_command.",
+    )
+    model: str = Field(
+        "{policy}",
+        description="The `model` field of each request. {policy}, the served policy's path, is the name "
+        "vLLM serves a model under when started with --model {policy}. Without server_command: the name "
+        "your server knows the model by.",
+    )
+    server_command: str | None = Field(
+        None,
+        description="A command serving one model, run for each generation and evaluation stage with "
+        "{policy} (the round's policy: a model directory, LoRA adapters merged into round-N/merged) and "
+        "{port} (a free port on 127.0.0.1) filled in; dpokit waits until it answers and stops it afterwards. "
+        "None: the server at `url` is used as it is, which is on-policy only if you load each round's "
+        "policy into it yourself.",
+    )
+    startup_timeout_s: float = Field(
+        600.0, gt=0.0, description="Seconds the started server may take to answer before the run stops."
+    )
+    prompt_format: Literal["tokens", "text"] = Field(
+        "tokens",
+        description="tokens: the prompt's token ids exactly as training computes them (vLLM, SGLang, "
+        "llama.cpp's own server and OpenAI accept token arrays). text: the chat-templated prompt as a "
+        "string for servers that take only text (llama-cpp-python's); its tokens match training only if "
+        "the server parses special tokens and adds no BOS of its own.",
+    )
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More fields for every request, e.g. {top_k: 0, min_p: 0.0, repeat_penalty: 1.0} for "
+        "llama.cpp, whose default sampling filters are not the policy's own distribution.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenAIBackendConfig:
+        _check_url(self.url)
+        if self.server_command is not None:
+            if "{policy}" not in self.server_command:
+                raise ValueError("field 'server_command': needs {policy}, the path of the round's policy")
+            if "{port}" in self.url and "{port}" not in self.server_command:
+                raise ValueError("field 'server_command': needs {port}, the port in url")
+        elif "{port}" in self.url:
+            raise ValueError(
+                "field 'url': your server's address ({port} is filled in for server_command only)"
+            )
+        elif "{policy}" in self.model:
+            raise ValueError(
+                "field 'model': the name your server serves the policy under "
+                "({policy} is filled in for server_command only)"
+            )
+        return self
 
 
 class IterateConfig(BaseModel):
@@ -113,10 +191,14 @@ class IterateConfig(BaseModel):
     prompts_per_round: int | None = Field(
         None, ge=1, description="Use a seeded random subset of this many prompts each round; None: all."
     )
-    backend: Literal["transformers"] = Field(
+    backend: Literal["transformers", "vllm", "openai"] = Field(
         "transformers",
-        description="Generation backend: transformers `generate` (CPU or GPU). vLLM and OpenAI-compatible "
-        "servers are planned, not implemented.",
+        description="Generation backend: transformers `generate` (CPU or GPU); vllm (needs the vllm package "
+        "and a CUDA GPU); openai, an OpenAI-compatible completions server configured by `openai:`.",
+    )
+    openai: OpenAIBackendConfig | None = Field(
+        None,
+        description="The server of `backend: openai` (url, server_command, ...; see OpenAIBackendConfig).",
     )
     samples_per_prompt: int = Field(4, ge=2, description="k: answers sampled per prompt (at least 2).")
     temperature: float = Field(
@@ -162,6 +244,10 @@ class IterateConfig(BaseModel):
             raise ValueError(
                 "field 'reference': 'previous' refreshes the reference every round; remove train.reference_model"
             )
+        if self.backend == "openai" and self.openai is None:
+            raise ValueError("field 'openai': required with backend: openai (url or server_command)")
+        if self.backend != "openai" and self.openai is not None:
+            raise ValueError(f"field 'openai': only used with backend: openai, not {self.backend}")
         return self
 
 

@@ -7,8 +7,8 @@
       api_key_env: OPENAI_API_KEY        # the key's variable name; the key itself is never logged or saved
 
 Requests run in a thread pool of `concurrency`; each has a timeout and is retried with exponential backoff
-after a timeout, a connection error, a 429 or a 5xx (never after another 4xx: the request itself is wrong).
-A reply that cannot be parsed, or a request that still fails after its retries, is a None score: a judge
+after a timeout, a connection error, a 429 or a 5xx (never after another 4xx: the request itself is wrong;
+see openai_http.py, shared with the `openai` generation backend). A reply that cannot be parsed, or a request that still fails after its retries, is a None score: a judge
 failure the loop counts, never a guess.
 
 Pairwise, `score` runs a round robin inside each run of consecutive answers to the same prompt (the loop's
@@ -20,24 +20,19 @@ None; `compare` is the primitive for comparing two given answers (e.g. the polic
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import math
-import os
 import re
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import combinations
 
 from dpokit.data.rows import Text
-from dpokit.errors import DpokitError
-from dpokit.online.config import LLMJudgeConfig
+from dpokit.online.config import LLMJudgeConfig, fill
 from dpokit.online.judges import Score
+from dpokit.online.openai_http import OpenAIClient, RequestFailed
 
 log = logging.getLogger(__name__)
 
@@ -124,78 +119,41 @@ def _render(prompt: Text) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-def _fill(template: str, values: dict[str, str]) -> str:
-    """Substitute {name} placeholders in one pass, so text inside a prompt or answer is never re-filled."""
-    return re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), template)
-
-
-class _Retryable(Exception):
-    """A failure worth retrying: timeout, connection error, 429 or 5xx."""
-
-
 @dataclass
 class LLMJudge:
-    """The judge; `key` is read from the environment by `load` and kept out of repr and logs."""
+    """The judge; its client holds the key, which `load` reads from the environment, out of repr and logs."""
 
     config: LLMJudgeConfig
-    key: str | None = field(default=None, repr=False)
+    client: OpenAIClient
 
     @classmethod
     def load(cls, config: LLMJudgeConfig) -> LLMJudge:
-        key = None
-        if config.api_key_env is not None:
-            key = os.environ.get(config.api_key_env)
-            if not key:
-                raise DpokitError(
-                    f"judge: environment variable {config.api_key_env} (api_key_env) is not set"
-                )
-        return cls(config, key)
+        return cls(config, OpenAIClient.from_config(config.url, config, "judge"))
+
+    @property
+    def pairwise(self) -> bool:
+        """Whether the judge compares two answers (`compare`) rather than scoring one."""
+        return self.config.mode == "pairwise"
 
     # --- one request -------------------------------------------------------------------------------
-    def _post(self, content: str) -> str:
-        """The reply text of one chat completion; raises _Retryable or DpokitError."""
+    def ask(self, content: str) -> str | None:
+        """The reply to one user message after up to `retries` retries, or None (logged without the key)."""
         body = {
             "model": self.config.model,
             "messages": [{"role": "user", "content": content}],
             "max_tokens": self.config.max_tokens,
             "temperature": self.config.temperature,
         }
-        headers = {"Content-Type": "application/json"}
-        if self.key is not None:
-            headers["Authorization"] = f"Bearer {self.key}"
-        request = urllib.request.Request(
-            self.config.url.rstrip("/") + "/chat/completions", json.dumps(body).encode(), headers
-        )
         try:
-            with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
-                reply = json.loads(response.read())
-        except urllib.error.HTTPError as error:  # before URLError: it is one
-            if error.code == 429 or error.code >= 500:
-                raise _Retryable(f"HTTP {error.code}") from None
-            raise DpokitError(f"HTTP {error.code}") from None
-        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as error:
-            raise _Retryable(type(error).__name__) from None
-        except ValueError:
-            raise DpokitError("reply is not JSON") from None
+            reply = self.client.post("chat/completions", body)
+        except RequestFailed as error:
+            log.warning("LLM judge: request failed (%s)", error)
+            return None
         try:
             return reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise DpokitError("reply has no choices[0].message.content") from None
-
-    def ask(self, content: str) -> str | None:
-        """The reply to one user message after up to `retries` retries, or None (logged without the key)."""
-        for attempt in range(self.config.retries + 1):
-            try:
-                return self._post(content)
-            except _Retryable as error:
-                failure = error
-                if attempt < self.config.retries:
-                    time.sleep(self.config.backoff_s * 2**attempt)
-            except DpokitError as error:
-                log.warning("LLM judge: request failed, not retried (%s)", error)
-                return None
-        log.warning("LLM judge: giving up after %d attempts (%s)", self.config.retries + 1, failure)
-        return None
+            log.warning("LLM judge: the reply has no choices[0].message.content")
+            return None
 
     def _ask_all(self, contents: list[str]) -> list[str | None]:
         with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
@@ -207,7 +165,7 @@ class LLMJudge:
     ) -> list[Score]:
         """Pairwise: 1.0 where the judge prefers answer A, 0.0 where B, None where it failed."""
         contents = [
-            _fill(self.config.template, {"prompt": _render(p), "answer_a": a, "answer_b": b})
+            fill(self.config.template, {"prompt": _render(p), "answer_a": a, "answer_b": b})
             for p, a, b in zip(prompts, answers_a, answers_b)
         ]
         return [None if c is None else float(c == "A") for c in map(_choice, self._ask_all(contents))]
@@ -215,7 +173,7 @@ class LLMJudge:
     def score(self, prompts: Sequence[Text], answers: Sequence[str]) -> list[Score]:
         if self.config.mode == "pointwise":
             contents = [
-                _fill(self.config.template, {"prompt": _render(p), "answer": a})
+                fill(self.config.template, {"prompt": _render(p), "answer": a})
                 for p, a in zip(prompts, answers)
             ]
             return [None if reply is None else parse_score(reply) for reply in self._ask_all(contents)]
