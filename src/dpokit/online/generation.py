@@ -1,7 +1,9 @@
 """Answers from the current policy: k samples per prompt, batched, behind a small backend interface.
 
-`TransformersBackend` runs transformers `generate` (KV cache, left padding) on CPU or GPU. The interface is
-what a vLLM or OpenAI-compatible-server backend would implement; those are not written yet.
+`TransformersBackend` runs transformers `generate` (KV cache, left padding) on CPU or GPU; the same interface
+is implemented by vllm_backend.py (vLLM on a GPU) and openai_backend.py (an OpenAI-compatible completions
+server), and backends.py picks one by the config's `backend`. Every backend feeds the model the prompt tokens
+training uses (`prompt_ids`), so the answers are sampled from exactly the distribution DPO then trains.
 """
 
 from __future__ import annotations

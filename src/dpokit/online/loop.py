@@ -31,9 +31,10 @@ from dpokit.atomic import write_atomic
 from dpokit.data.rows import Text
 from dpokit.errors import DpokitError
 from dpokit.models.loading import is_peft, load_adapter, load_model, load_tokenizer, reference_context
+from dpokit.online.backends import check_backend, open_backend
 from dpokit.online.config import IterateConfig
-from dpokit.online.evaluation import kl_estimate, summarize
-from dpokit.online.generation import Sampling, TransformersBackend
+from dpokit.online.evaluation import judge_held_out, kl_estimate, summarize
+from dpokit.online.generation import Sampling
 from dpokit.online.judges import Judge, build_judge
 from dpokit.online.models import inference_device, load_frozen, preference_row, row_logps
 from dpokit.online.pairs import DROP_GAP, DROP_JUDGE, DROP_MINING, hard_negatives, implicit_margins, pick_pair
@@ -109,9 +110,8 @@ def generate_stage(loop: Loop, n: int) -> None:
             random.Random(config.train.seed + n).sample(range(len(prompts)), config.prompts_per_round)
         )
         prompts = [prompts[i] for i in keep]
-    policy = load_frozen(loop.policy(n - 1), config.train)
-    backend = TransformersBackend(policy, loop.tokenizer, config.generation_batch_size)
-    answers = backend.generate(prompts, config.samples_per_prompt, loop.sampling(), config.train.seed + n)
+    with open_backend(loop, n - 1, loop.round_dir(n) / "server-generation.log") as backend:
+        answers = backend.generate(prompts, config.samples_per_prompt, loop.sampling(), config.train.seed + n)
     records = [
         {"prompt": p, "answers": [a.text for a in group], "num_tokens": [a.num_tokens for a in group]}
         for p, group in zip(prompts, answers)
@@ -223,24 +223,25 @@ def evaluate_stage(loop: Loop, n: int) -> dict[str, Any]:
     """Held-out evaluation of the policy after round n; writes round-n/eval_samples.jsonl, returns the record."""
     config, directory = loop.config, loop.round_dir(n)
     prompts = loop.eval_prompts
-    policy = load_frozen(loop.policy(n), config.train)
-    backend = TransformersBackend(policy, loop.tokenizer, config.generation_batch_size)
-    answers = [group[0] for group in backend.generate(prompts, 1, loop.sampling(), config.train.seed)]
+    # transformers generates with the policy loaded here for the KL; another backend loads its own copy.
+    policy = load_frozen(loop.policy(n), config.train) if config.backend == "transformers" else None
+    with open_backend(loop, n, directory / "server-evaluation.log", policy) as backend:
+        answers = [group[0] for group in backend.generate(prompts, 1, loop.sampling(), config.train.seed)]
+    if policy is None:
+        policy = load_frozen(loop.policy(n), config.train)
     texts = [a.text for a in answers]
-    scores = loop.judge.score(prompts, texts)
-    reference_scores = (
-        scores if n == 0 else [r["score"] for r in read_jsonl(loop.round_dir(0) / "eval_samples.jsonl")]
-    )
+    reference = read_jsonl(loop.round_dir(0) / "eval_samples.jsonl") if n > 0 else None
+    scores, outcomes = judge_held_out(loop.judge, prompts, texts, reference)
     # KL to the starting model: a LoRA policy's own base with adapters disabled (None), else a loaded copy.
     initial = policy if n == 0 else None if is_peft(policy) else load_frozen(config.train.model, config.train)
     kl = kl_estimate(policy, initial, loop.tokenizer, prompts, texts, config.generation_batch_size)
     records = [
-        {"prompt": p, "text": a.text, "num_tokens": a.num_tokens, "score": s}
-        for p, a, s in zip(prompts, answers, scores)
+        {"prompt": p, "text": a.text, "num_tokens": a.num_tokens, "score": s, "vs_reference": o}
+        for p, a, s, o in zip(prompts, answers, scores or [None] * len(answers), outcomes)
     ]
     directory.mkdir(parents=True, exist_ok=True)
     write_jsonl(directory / "eval_samples.jsonl", records)
-    record = summarize(n, scores, [a.num_tokens for a in answers], kl, reference_scores)
+    record = summarize(n, scores, [a.num_tokens for a in answers], kl, outcomes)
     if n > 0:
         report = json.loads((directory / "report.json").read_text())
         record.update(pairs=report["pairs"], prompts=report["prompts"], dropped=report["dropped"])
@@ -280,6 +281,7 @@ def iterate(config: IterateConfig, resume: bool = False, console: Console | None
             )
     # Bad prompt files and judges fail now, not in round 1.
     prompts, eval_prompts = read_prompts(config.prompts), read_prompts(config.eval_prompts)
+    check_backend(config)
     loop = Loop(
         config, run_dir, console, build_judge(config.judge, inference_device()), prompts, eval_prompts
     )
