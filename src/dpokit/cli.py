@@ -2,6 +2,7 @@
 
 dpokit train                              # built-in demo (SmolLM2-135M + LoRA, sentiment pairs)
 dpokit train my.yaml beta=0.2 --resume    # your config with overrides, continuing a run
+torchrun --nproc-per-node 8 -m dpokit.cli train my.yaml --distributed fsdp2   # sharded over 8 GPUs
 dpokit eval --policy runs/dpokit/final --data pairs.jsonl --json metrics.json
 dpokit export runs/dpokit --merge --out merged/
 dpokit iterate my-iterate.yaml --resume   # on-policy DPO, round after round (docs/iterate.md)
@@ -78,6 +79,15 @@ def train(
             "key=value overrides set dpokit fields (model=..., train_data=...).",
         ),
     ] = None,
+    distributed: Annotated[
+        str | None,
+        typer.Option(
+            "--distributed",
+            help="Scale-out engine under torchrun / accelerate launch: single, ddp, fsdp2, fsdp2-offload "
+            "(a preset shipped with dpokit) or an accelerate config file. Default: what the launcher set, "
+            "DDP when it started several processes (README: Scale-out).",
+        ),
+    ] = None,
 ) -> None:
     """Train a policy with DPO (or IPO, SimPO, ...) on preference pairs."""
     from dpokit.config import load_config
@@ -109,10 +119,25 @@ def train(
             return
         from dpokit.train.loop import train as run_training
 
-        run_dir = run_training(run_config, resume=resume, console=console, force_resume=force_resume)
+        run_dir = run_training(
+            run_config, resume=resume, console=console, force_resume=force_resume, distributed=distributed
+        )
     except DpokitError as error:
         _fail(error)
     console.print(f"done: {run_dir}/final")
+
+
+@app.command()
+def preset(
+    name: Annotated[str, typer.Argument(help="single, ddp, fsdp2, fsdp2-offload or deepspeed-zero3.")],
+) -> None:
+    """Print the path of a shipped accelerate config: accelerate launch --config_file "$(dpokit preset fsdp2)"."""
+    from dpokit.distributed import preset_path
+
+    try:
+        sys.stdout.write(f"{preset_path(name)}\n")
+    except DpokitError as error:
+        _fail(error)
 
 
 @app.command()

@@ -34,9 +34,11 @@ class RunHooks:
         tokenizer: PreTrainedTokenizerBase,
         console: Console,
         accelerator: Accelerator,
+        sharded: bool = False,
     ) -> None:
         self.config, self.run_dir, self.tokenizer, self.console = config, run_dir, tokenizer, console
         self.main = accelerator.is_main_process
+        self.sharded = sharded  # FSDP2: every process generates with the main one (greedy: the same text)
         self.watchdog = Watchdog(config.resolved(), stop_on_critical=config.stop_on_critical)
         self.prompts = read_prompts(config.sample_prompts) if config.sample_prompts else []
         self.evals: list[dict[str, Any]] = []
@@ -72,7 +74,7 @@ class RunHooks:
         Greedy decoding: policy and reference answers differ only by what training changed. A PEFT policy
         scores its answers' reference perplexity with its adapters disabled.
         """
-        if not self.prompts or not self.main:
+        if not self.prompts or not (self.main or self.sharded):
             return
         records = generate_samples(
             model,
@@ -87,11 +89,12 @@ class RunHooks:
             for record, score in zip(records, vader_score([r["text"] for r in records])):
                 record["judge"] = score
             self.judge_means[step] = sum(r["judge"] for r in records) / len(records)
-        with (self.run_dir / "samples.jsonl").open("a", encoding="utf-8") as file:
-            for record in records:
-                file.write(json.dumps(record) + "\n")
+        if self.main:
+            with (self.run_dir / "samples.jsonl").open("a", encoding="utf-8") as file:
+                for record in records:
+                    file.write(json.dumps(record) + "\n")
         findings = self.watchdog.update_samples(records)
-        if findings:
+        if findings and self.main:
             print_findings(findings, self.console)
 
     def summary(self) -> None:

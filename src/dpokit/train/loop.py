@@ -3,6 +3,7 @@
 dpokit train                       # the built-in demo: SmolLM2-135M + LoRA on sentiment pairs
 dpokit train my.yaml beta=0.2      # your config, with overrides
 dpokit train my.yaml --resume      # continue from the latest checkpoint
+torchrun --nproc-per-node 8 -m dpokit.cli train my.yaml --distributed fsdp2   # 8 processes, sharded
 
 From Python, `train(config, train_rows=[{"prompt": ..., "chosen": ..., "rejected": ...}, ...])` trains on
 rows held in memory (the on-policy loop does this).
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from dpokit.atomic import prune_partial_files, write_atomic
 from dpokit.config import RunConfig
 from dpokit.data.prepare import Rows
+from dpokit.distributed import full_state_dict
 from dpokit.errors import DpokitError
 from dpokit.evaluate import evaluate_pairs
 from dpokit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -30,6 +32,11 @@ from dpokit.train.metrics import MetricsLog, cut_jsonl
 from dpokit.train.output import save_final
 from dpokit.train.reference_pass import reference_pass
 from dpokit.train.run import Run, identity_changes, setup_optimizer, setup_run
+from dpokit.train.sharded_checkpoint import (
+    is_sharded_checkpoint,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+)
 from dpokit.train.step import train_step
 
 
@@ -51,12 +58,15 @@ def train(
     train_rows: Rows | None = None,
     eval_rows: Rows | None = None,
     force_resume: bool = False,
+    distributed: str | None = None,
 ) -> Path:
     """Run DPO training as configured; returns the run directory.
 
     resume: continue from the run's latest checkpoint (from the start when it has none yet).
     train_rows / eval_rows: preference rows held in memory instead of the config's data files.
     force_resume: resume even though the data or a setting that decides the steps changed.
+    distributed: a preset (single, ddp, fsdp2, fsdp2-offload) or an accelerate config file; None: what the
+    launcher set (see dpokit.distributed).
     """
     console = console or Console(stderr=True)
     run_dir = Path(config.output_dir)
@@ -66,7 +76,7 @@ def train(
             f"{run_dir}: already holds a run; pass --resume to continue it or choose another output_dir"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = setup_run(config, console, train_rows, eval_rows)
+    run = setup_run(config, console, train_rows, eval_rows, distributed)
     if run.accelerator.is_main_process:
         prune_partial_files(run_dir)
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
@@ -85,7 +95,13 @@ def restore(run: Run, checkpoint: Path, force: bool) -> int:
     Refuses when the data or a setting that decides which pairs each step sees changed since the checkpoint
     was written, unless `force`.
     """
-    progress = load_checkpoint(checkpoint, run.model, run.optimizer)
+    if is_sharded_checkpoint(checkpoint) != run.sharded:
+        written = "sharded (fsdp2)" if is_sharded_checkpoint(checkpoint) else "unsharded (single, ddp)"
+        raise DpokitError(f"{checkpoint}: an {written} checkpoint; resume it with the engine that wrote it")
+    if run.sharded:
+        progress = load_sharded_checkpoint(run.accelerator, checkpoint, run.policy, run.optimizer)
+    else:
+        progress = load_checkpoint(checkpoint, run.model, run.optimizer)
     changes = identity_changes(progress.get("identity", {}), run.identity())
     if changes and not force:
         raise DpokitError(
@@ -121,7 +137,7 @@ def open_records(run: Run, start_step: int, resumed: bool) -> tuple[MetricsLog, 
     main = run.accelerator.is_main_process
     metrics = cut_jsonl(run.run_dir / "metrics.jsonl", seen) if main else []
     samples = cut_jsonl(run.run_dir / "samples.jsonl", seen) if main else []
-    hooks = RunHooks(run.config, run.run_dir, run.tokenizer, run.console, run.accelerator)
+    hooks = RunHooks(run.config, run.run_dir, run.tokenizer, run.console, run.accelerator, run.sharded)
     hooks.replay(metrics, samples)
     run.accelerator.init_trackers(
         "dpokit",
@@ -131,8 +147,10 @@ def open_records(run: Run, start_step: int, resumed: bool) -> tuple[MetricsLog, 
 
 
 def evaluate(run: Run, step: int, log: MetricsLog, hooks: RunHooks) -> None:
-    """Held-out preference metrics of the current policy, logged as an `eval` record."""
-    if not run.data.eval or not run.accelerator.is_main_process:
+    """Held-out preference metrics of the current policy, logged as an `eval` record (by the main process;
+    under FSDP2 every process runs the forward passes with it)."""
+    main = run.accelerator.is_main_process
+    if not run.data.eval or not (main or run.sharded):
         return
     metrics = evaluate_pairs(
         run.model,
@@ -144,16 +162,21 @@ def evaluate(run: Run, step: int, log: MetricsLog, hooks: RunHooks) -> None:
         run.config.micro_batch_size,
     )
     record = {"split": "eval", "step": step, **metrics}
-    log.write(record)
+    if main:
+        log.write(record)
     run.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     hooks.on_record(record)
 
 
 def save(run: Run, step: int) -> None:
-    """Checkpoint `step` (main process only): trainable weights, optimizer, RNG and the run's identity."""
-    if run.accelerator.is_main_process:
-        progress = {"seed": run.config.seed, "total_steps": run.total_steps, "identity": run.identity()}
-        save_checkpoint(run.run_dir, step, run.model, run.optimizer, progress, run.config.keep_checkpoints)
+    """Checkpoint `step`: trainable weights, optimizer, RNG and the run's identity; by the main process, or
+    under FSDP2 by every process, each writing its shards."""
+    progress = {"seed": run.config.seed, "total_steps": run.total_steps, "identity": run.identity()}
+    keep = run.config.keep_checkpoints
+    if run.sharded:
+        save_sharded_checkpoint(run.accelerator, run.run_dir, step, run.policy, run.optimizer, progress, keep)
+    elif run.accelerator.is_main_process:
+        save_checkpoint(run.run_dir, step, run.model, run.optimizer, progress, keep)
 
 
 def run_steps(run: Run, start_step: int, log: MetricsLog, hooks: RunHooks) -> None:
@@ -208,8 +231,9 @@ def run_steps(run: Run, start_step: int, log: MetricsLog, hooks: RunHooks) -> No
 def finish(run: Run, log: MetricsLog, hooks: RunHooks) -> None:
     """The end of the run: last checkpoint, final weights, held-out metrics and samples after training."""
     save(run, run.total_steps)
+    state = full_state_dict(run.policy) if run.sharded else None  # gathered from every process's shards
     if run.accelerator.is_main_process:
-        save_final(run.model, run.tokenizer, run.run_dir / "final")
+        save_final(run.model, run.tokenizer, run.run_dir / "final", state)
     evaluate(run, run.total_steps, log, hooks)
     hooks.on_samples(run.model, run.total_steps)
     hooks.summary()

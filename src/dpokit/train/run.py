@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmu
 from dpokit.config import RunConfig
 from dpokit.data.prepare import Rows, load_pairs, split_pairs, subset
 from dpokit.data.tokenize import TokenizedPair
+from dpokit.distributed import Engine, make_accelerator, resolve_engine, shard_model
 from dpokit.errors import DpokitError
 from dpokit.logprobs import LogpsFn, PairLogps
 from dpokit.losses import LOSSES, LossFn, LossParams
@@ -75,6 +76,13 @@ class Run:
     pairs_per_step: int = 0
     steps_per_epoch: int = 0
     total_steps: int = 0
+    engine: Engine = field(default_factory=Engine)
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: each process holds a shard of the weights, so every forward pass (training, evaluation,
+        samples) runs on all processes together, and checkpoints are written by all of them."""
+        return self.engine.sharded
 
     @property
     def mode(self) -> str:
@@ -186,12 +194,21 @@ def setup_run(
     console: Console,
     train_rows: Rows | None = None,
     eval_rows: Rows | None = None,
+    distributed: str | None = None,
 ) -> Run:
-    """Data, models and the run directory; the optimizer comes after the reference pass (`setup_optimizer`)."""
+    """Data, models and the run directory; the optimizer comes after the reference pass (`setup_optimizer`).
+
+    distributed: a preset name or accelerate config file (`dpokit.distributed.resolve_engine`).
+    """
     run_dir = Path(config.output_dir)
-    accelerator = Accelerator(log_with=config.report_to or None, project_dir=str(run_dir))
+    engine = resolve_engine(distributed)
+    accelerator = make_accelerator(log_with=config.report_to or None, project_dir=str(run_dir))
     set_seed(config.seed)
     precision = resolve_precision(config.precision, accelerator.device)
+    if engine.sharded and precision.name == "fp16-mixed":
+        raise DpokitError(
+            "precision: fp16-mixed under fsdp2 would need a sharded gradient scaler; use bf16-mixed or fp32"
+        )
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     data = prepare_datasets(config, tokenizer, train_rows, eval_rows)
     for note in data.notes:
@@ -218,6 +235,7 @@ def setup_run(
         ),
         policy=load_policy(config, precision, accelerator.device),
         reference=load_reference(config, precision, accelerator.device),
+        engine=engine,
     )
 
 
@@ -233,6 +251,11 @@ def setup_optimizer(run: Run) -> None:
         )
     run.steps_per_epoch = len(run.data.train) // run.pairs_per_step
     run.total_steps = config.max_steps or run.steps_per_epoch * config.num_epochs
+    if run.sharded:  # shard before AdamW is built, so its state is created as shards too
+        compute_dtype = run.precision.compute_dtype if run.precision.mixed else None
+        shard_model(run.policy, run.engine, compute_dtype)
+        if run.reference is not None:  # live mode's frozen reference: sharded too, never given to AdamW
+            shard_model(run.reference, run.engine, compute_dtype)
     run.trainable = [p for p in run.policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         run.trainable, lr=config.resolved_learning_rate, weight_decay=config.weight_decay
@@ -240,7 +263,10 @@ def setup_optimizer(run: Run) -> None:
     warmup = math.ceil(config.warmup_ratio * run.total_steps)
     run.scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, run.total_steps)
     run.scaler = run.precision.grad_scaler()
-    run.policy, run.optimizer = accelerator.prepare(run.policy, optimizer)
+    if run.sharded:
+        run.optimizer = optimizer
+    else:
+        run.policy, run.optimizer = accelerator.prepare(run.policy, optimizer)
 
 
 def step_indices(

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from typing import Any
 
 from dpokit.data.batching import token_batches
+from dpokit.distributed import clip_grad_norm
 from dpokit.errors import DpokitError
 from dpokit.logprobs import PairLogps, select
 from dpokit.losses import chosen_nll
@@ -54,7 +55,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     """Run optimizer step `step` (0-based) and return its metrics record (step numbered from 1).
 
     Each pair weighs 1/pairs_per_step in the gradient whatever the micro-batching and the number of
-    processes (DDP averages over processes, hence the scale). A non-finite loss, metric or gradient norm
+    processes (DDP and FSDP2 average over processes, hence the scale). A non-finite loss, metric or gradient norm
     raises `NonFiniteStep` before the optimizer touches the weights.
 
     The forward runs under the run's precision (`run.logps_fn` autocasts). Under fp16-mixed the loss is
@@ -68,8 +69,10 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     stats = PairStats()
     batches = micro_batches(run, step)
     for number, micro in enumerate(batches):
-        last = number == len(batches) - 1
-        with nullcontext() if last else accelerator.no_sync(run.policy):
+        # FSDP2 reduce-scatters every micro-batch's gradients into the shards: skipping it would hold whole
+        # unsharded gradients on each process until the last one.
+        sync = number == len(batches) - 1 or run.sharded
+        with nullcontext() if sync else accelerator.no_sync(run.policy):
             out = run.logps_fn(run.policy, [run.data.train[i] for i in micro])
             ref = reference_logps(run, micro, out)
             losses, chosen_rewards, rejected_rewards = run.loss_fn(out, ref, run.params)
@@ -84,7 +87,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         "step": step + 1,
         "epoch": (step + 1) / run.steps_per_epoch,
         **stats.means(accelerator.reduce(stats.totals(), "sum")),
-        "grad_norm": float(accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)),
+        "grad_norm": clip_grad_norm(accelerator, run.policy, run.trainable, config.max_grad_norm),
     }
     if run.scaler and not math.isfinite(record["grad_norm"]):
         del record["grad_norm"]

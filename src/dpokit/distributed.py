@@ -1,0 +1,171 @@
+"""Scale-out: the engine a run trains with (one process, DDP or FSDP2), the presets shipped for it, and the
+few cross-process steps dpokit takes itself.
+
+torchrun --nproc-per-node 8 -m dpokit.cli train my.yaml --distributed fsdp2
+accelerate launch --config_file "$(dpokit preset fsdp2)" -m dpokit.cli train my.yaml
+
+Processes are started by torchrun or `accelerate launch`; accelerate sets up the process group (NCCL on GPUs,
+gloo on CPU) and DDP. FSDP2 is PyTorch's `fully_shard`, applied here rather than by accelerate because
+accelerate 1.15 enables its FSDP path only on GPU backends (state.py), and dpokit's FSDP2 path must run, and
+be tested, on CPU with gloo as well.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+
+from dpokit.errors import DpokitError
+
+PRESETS = ("single", "ddp", "fsdp2", "fsdp2-offload", "deepspeed-zero3")
+PRESET_DIR = Path(__file__).parent / "resources" / "accelerate"
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How the processes of a run share the work.
+
+    name: "single" (one process), "ddp" (a full replica per process, gradients all-reduced) or "fsdp2"
+    (weights, gradients and AdamW state sharded over processes).
+    offload: FSDP2 keeps the sharded weights, gradients and AdamW state in CPU memory.
+    reshard_after_forward: FSDP2 frees each layer's gathered weights after its forward (gathered again for
+    the backward): less memory, one more all-gather per layer.
+    """
+
+    name: str = "single"
+    offload: bool = False
+    reshard_after_forward: bool = True
+
+    @property
+    def sharded(self) -> bool:
+        return self.name == "fsdp2"
+
+
+def world_size() -> int:
+    """Processes in this run, as the launcher (torchrun, accelerate launch) announced them."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def preset_path(name: str) -> Path:
+    """The accelerate config file of a shipped preset."""
+    if name not in PRESETS:
+        raise DpokitError(f"--distributed: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    return PRESET_DIR / f"{name}.yaml"
+
+
+def engine_from_accelerate_config(config: dict[str, Any], source: str) -> Engine:
+    """The engine an accelerate config file (a shipped preset or the user's own) describes."""
+    kind = str(config.get("distributed_type", "NO")).upper()
+    if kind == "DEEPSPEED":
+        raise DpokitError(
+            f"{source}: DeepSpeed is not supported by dpokit's training loop yet (its checkpoints and final "
+            "save do not gather ZeRO-3 partitions); use fsdp2, which shards the same state"
+        )
+    if kind == "FSDP":
+        fsdp = config.get("fsdp_config") or {}
+        if int(fsdp.get("fsdp_version", 1)) != 2:
+            raise DpokitError(f"{source}: fsdp_config.fsdp_version must be 2 (dpokit runs FSDP2 only)")
+        return Engine(
+            "fsdp2",
+            offload=bool(fsdp.get("fsdp_offload_params", False)),
+            reshard_after_forward=bool(fsdp.get("fsdp_reshard_after_forward", True)),
+        )
+    return Engine("single" if kind == "NO" else "ddp")
+
+
+def resolve_engine(distributed: str | None) -> Engine:
+    """The engine of this run: `--distributed` (a preset name or an accelerate config file) when given, else
+    what `accelerate launch --config_file ...` put in the environment, else DDP across several processes."""
+    if distributed is not None:
+        path = Path(distributed) if distributed.endswith((".yaml", ".yml")) else preset_path(distributed)
+        if not path.is_file():
+            raise DpokitError(f"--distributed: {path} does not exist")
+        engine = engine_from_accelerate_config(yaml.safe_load(path.read_text()) or {}, str(path))
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        engine = engine_from_accelerate_config({"distributed_type": "DEEPSPEED"}, "accelerate launch")
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        fsdp = {
+            "fsdp_version": os.environ.get("FSDP_VERSION", "1"),
+            "fsdp_offload_params": os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true",
+            "fsdp_reshard_after_forward": os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
+            not in ("false", "no_shard", "shard_grad_op"),
+        }
+        engine = engine_from_accelerate_config(
+            {"distributed_type": "FSDP", "fsdp_config": fsdp}, "accelerate launch"
+        )
+    else:
+        engine = Engine("ddp" if world_size() > 1 else "single")
+    if engine.name == "single" and world_size() > 1:
+        raise DpokitError(
+            f"--distributed: 'single' runs one process, but the launcher started {world_size()}; "
+            "use ddp or fsdp2"
+        )
+    return engine
+
+
+def make_accelerator(**kwargs: Any) -> Accelerator:
+    """accelerate's Accelerator for this process. Several processes on a machine without CUDA need cpu=True:
+    without it accelerate 1.15 leaves each process alone (no process group), each training on its own."""
+    return Accelerator(cpu=world_size() > 1 and not torch.cuda.is_available(), **kwargs)
+
+
+def shard_model(model: torch.nn.Module, engine: Engine, compute_dtype: torch.dtype | None) -> None:
+    """Apply FSDP2 in place: one `fully_shard` unit per decoder layer (the classes transformers marks as
+    `_no_split_modules`), one for the LM head, then the root (embeddings, final norm).
+
+    compute_dtype: under a mixed precision, FSDP2 gathers weights in this dtype for the forward and backward,
+    while the sharded master weights, AdamW state and the gradient reduction stay float32 (SPEC §9); None
+    computes in the weights' own dtype.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    options: dict[str, Any] = {"reshard_after_forward": engine.reshard_after_forward}
+    if compute_dtype is not None:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    if engine.offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = set(getattr(base, "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if type(module).__name__ in layers:
+            fully_shard(module, **options)
+    # dpokit's log-prob code calls the LM head itself, chunk by chunk, outside the model's forward: as a unit
+    # of its own, each call gathers its weight (kept gathered until the backward is done).
+    head = base.get_output_embeddings()
+    if head is not None and head.weight is not base.get_input_embeddings().weight:
+        fully_shard(head, **(options | {"reshard_after_forward": False}))
+    # The root keeps FSDP2's default (gathered until the backward): True there crashed the backward on gloo.
+    fully_shard(model, **(options | {"reshard_after_forward": None}))
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def clip_grad_norm(accelerator: Accelerator, model: torch.nn.Module, params: list, max_norm: float) -> float:
+    """Clip the gradients of `params` to a global norm of `max_norm`; returns the norm before clipping.
+
+    Under FSDP2 each process holds a shard of every gradient: torch's clip computes the norm as a DTensor
+    reduced over all shards, read here as one number."""
+    if not is_sharded(model):
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    from torch.distributed.tensor import DTensor
+
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights gathered from every process's shards onto rank 0's CPU (other ranks get an
+    empty dict). A collective: every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,0 +1,112 @@
+"""Sharded checkpoints under FSDP2, through torch.distributed.checkpoint (DCP), as atomic as the single-process
+ones (train/checkpoint.py).
+
+Every process writes its shards of the trainable weights and AdamW state, and its RNG state, into the same
+`.partial-step-N` directory; once all have finished, rank 0 writes progress.json, fsyncs the tree, renames it
+to step-N, moves `latest` and prunes. `latest` therefore always names a checkpoint every process finished.
+The run directory must be on a file system all processes see (one machine, or a shared one across nodes).
+
+Resume needs the same number of processes: DCP could reshard to another number, but dpokit does not test
+that, so it refuses with the number to use. `dpokit export` reads a sharded checkpoint in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from dpokit.atomic import publish_dir, write_atomic
+from dpokit.errors import DpokitError
+from dpokit.train.checkpoint import _prune, _restore_rng, _rng_tensors
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (path / ".metadata").exists()
+
+
+def trainable_weights(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a model state dict that AdamW trains (a LoRA run: the adapters only)."""
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: value for name, value in state.items() if name in names}
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """This process's shards of the trainable weights and of AdamW's state, keyed by parameter name."""
+    weights, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": trainable_weights(model, weights), "optimizer": optimizer_state}
+
+
+def save_sharded_checkpoint(
+    accelerator: Accelerator,
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    progress: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoints/step-N from every process's shards, point `latest` at it, prune; returns step-N.
+    A collective: every process calls it. An existing step-N is never rewritten (see `save_checkpoint`)."""
+    root = run_dir / "checkpoints"
+    final = root / f"step-{step:06d}"
+    main = accelerator.is_main_process
+    if not final.exists():
+        partial = root / f".partial-{final.name}"
+        if main:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a kill during an earlier save of this step
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        dcp.save(_sharded_state(model, optimizer), checkpoint_id=partial)
+        save_file(_rng_tensors(), str(partial / f"rng-rank{accelerator.process_index}.safetensors"))
+        accelerator.wait_for_everyone()  # every shard is written before rank 0 publishes the directory
+        if main:
+            record = {**progress, "step": step, "num_processes": accelerator.num_processes}
+            (partial / "progress.json").write_text(json.dumps(record))
+            publish_dir(partial, final)
+    if main:
+        write_atomic(root / "latest", final.name)
+        _prune(root, final, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_sharded_checkpoint(
+    accelerator: Accelerator, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore this process's shards of weights and AdamW state, and its RNG state; returns the progress."""
+    progress = json.loads((path / "progress.json").read_text())
+    saved = progress["num_processes"]
+    if saved != accelerator.num_processes:
+        raise DpokitError(
+            f"{path}: written by {saved} processes, this run has {accelerator.num_processes}; resume with "
+            f"{saved} (resharding a checkpoint is not supported yet; `dpokit export` reads it in one process)"
+        )
+    state = _sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(strict=False),  # the frozen weights come from the model files, not here
+    )
+    _restore_rng(load_file(str(path / f"rng-rank{accelerator.process_index}.safetensors")))
+    return progress
+
+
+def load_sharded_weights(path: Path, model: torch.nn.Module) -> None:
+    """Read the trainable weights of a sharded checkpoint into an ordinary (unsharded) model, in one process
+    with no process group: DCP assembles the shards of every process (for `dpokit export`)."""
+    weights = trainable_weights(model, model.state_dict())
+    if not weights:
+        raise DpokitError(f"{path}: the model has no trainable weights to read")
+    dcp.load({"model": weights}, checkpoint_id=path)
+    model.load_state_dict(weights, strict=False)
