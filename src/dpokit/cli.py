@@ -191,12 +191,19 @@ def export(
     merge: Annotated[
         bool, typer.Option("--merge", help="Merge LoRA adapters into the base weights.")
     ] = False,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="Export this checkpoint (step-000040, or latest) instead of final/; sharded (FSDP2) ones "
+            "are consolidated in this one process."
+        ),
+    ] = None,
 ) -> None:
     """Write a standalone model (safetensors) that transformers loads."""
     from dpokit.commands import export_command
 
     try:
-        path = export_command(run_dir, out, merge)
+        path = export_command(run_dir, out, merge, checkpoint)
     except DpokitError as error:
         _fail(error)
     console.print(f"wrote {path}")

@@ -60,8 +60,11 @@ def eval_command(
     return metrics
 
 
-def export_command(run_dir: Path, out: Path, merge: bool) -> Path:
-    """Write a standalone model from a run's final weights; LoRA adapters are merged into the base when asked."""
+def export_command(run_dir: Path, out: Path, merge: bool, checkpoint: str | None = None) -> Path:
+    """Write a standalone model from a run's final weights, or from one of its checkpoints (sharded FSDP2 ones
+    included, read in this one process); LoRA adapters are merged into the base when asked."""
+    if checkpoint is not None:
+        return export_checkpoint(run_dir, out, merge, checkpoint)
     final = run_dir / "final"
     if not final.exists():
         raise DpokitError(f"{run_dir}: no final model (train to the end, or pass a run directory)")
@@ -70,3 +73,30 @@ def export_command(run_dir: Path, out: Path, merge: bool) -> Path:
         raise DpokitError(f"{final}: holds a LoRA adapter; pass --merge to fold it into the base model")
     model = load_adapter(str(final), load_model(base)).merge_and_unload() if base else load_model(str(final))
     return save_final(model, load_tokenizer(str(final)), out)
+
+
+def export_checkpoint(run_dir: Path, out: Path, merge: bool, name: str) -> Path:
+    """The model as checkpoint `name` (step-N, or latest) of `run_dir` holds it: the run's starting model as
+    its config.yaml loads it, with the checkpoint's trained weights read in (a LoRA run: its adapters)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dpokit.config import load_config
+    from dpokit.models.loading import is_peft
+    from dpokit.train.checkpoint import latest_checkpoint
+    from dpokit.train.precision import resolve_precision
+    from dpokit.train.run import load_policy
+    from dpokit.train.sharded_checkpoint import is_sharded_checkpoint, load_sharded_weights
+
+    path = latest_checkpoint(run_dir) if name == "latest" else run_dir / "checkpoints" / name
+    if path is None or not (path / "progress.json").exists():
+        raise DpokitError(f"--checkpoint: {run_dir} has no complete checkpoint {name!r}")
+    config = load_config(run_dir / "config.yaml")
+    model = load_policy(config, resolve_precision(config.precision, torch.device("cpu")), torch.device("cpu"))
+    if is_sharded_checkpoint(path):
+        load_sharded_weights(path, model)
+    else:
+        model.load_state_dict(load_file(str(path / "trainable.safetensors")), strict=False)
+    if is_peft(model) and merge:
+        model = model.merge_and_unload()
+    return save_final(model, load_tokenizer(config.model, config.trust_remote_code), out)

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 import dpokit
@@ -138,6 +139,7 @@ def cached_reference_logps(
     desc: str = "reference log-probs",
     max_tokens: int | None = None,
     tolerance: tuple[float, float] = FP32_TOLERANCE,
+    accelerator: Accelerator | None = None,
 ) -> tuple[PairLogps, bool]:
     """Reference log-probs of `pairs`, from the cache when the key matches; returns (logps, cache_hit).
     Batches as `compute_logps` makes them (`batch_size` pairs, or up to `max_tokens` tokens).
@@ -146,26 +148,87 @@ def cached_reference_logps(
     relative): a stale entry would make the policy differ from its reference before any step (a first loss
     off ln 2 and every loss after it shifted), so it is recomputed instead, with a warning. The check
     costs one batch of the pass it saves.
+
+    accelerator: with several processes, the main process alone reads (and checks) the cache; on a miss each
+    process computes every num_processes-th pair (`_shared_reference_logps`) and the main process writes it.
     """
     path = cache_dir / f"{cache_key(model, pairs, method)}.safetensors"
-    if path.exists():
-        tensors = load_file(path)
-        cached = PairLogps(
-            tensors["chosen"], tensors["rejected"], tensors["chosen_lengths"], tensors["rejected_lengths"]
+    shared = accelerator is not None and accelerator.num_processes > 1
+    main = not shared or accelerator.is_main_process
+    cached = _trusted_cache(path, model, pairs, logps_fn, batch_size, max_tokens, tolerance) if main else None
+    if shared:
+        logps, hit = _shared_reference_logps(
+            model, pairs, logps_fn, cached, batch_size, desc, max_tokens, accelerator
         )
-        first = length_batches(pairs, batch_size, max_tokens)[0]
-        error = spot_check_error(model, pairs, logps_fn, first, cached, tolerance)
-        if error is None:
-            return cached, True
-        warnings.warn(
-            f"{path}: the cached reference log-probs differ from this reference model's by up to {error:.3g} "
-            f"nats on {len(first)} pairs recomputed as a check (a cache written by other code or weights under "
-            "the same key); recomputing it",
-            UserWarning,
-            stacklevel=2,
-        )
-    logps = compute_logps(model, pairs, logps_fn, batch_size, desc, max_tokens)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    elif cached is not None:
+        return cached, True
+    else:
+        logps, hit = compute_logps(model, pairs, logps_fn, batch_size, desc, max_tokens), False
+    if main and not hit:
+        _write_cache(path, logps)
+    return logps, hit
+
+
+def _trusted_cache(
+    path: Path,
+    model: torch.nn.Module,
+    pairs: list[TokenizedPair],
+    logps_fn: LogpsFn,
+    batch_size: int,
+    max_tokens: int | None,
+    tolerance: tuple[float, float],
+) -> PairLogps | None:
+    """The cached log-probs at `path` when they exist and their first batch recomputes within `tolerance`."""
+    if not path.exists():
+        return None
+    tensors = load_file(path)
+    cached = PairLogps(
+        tensors["chosen"], tensors["rejected"], tensors["chosen_lengths"], tensors["rejected_lengths"]
+    )
+    first = length_batches(pairs, batch_size, max_tokens)[0]
+    error = spot_check_error(model, pairs, logps_fn, first, cached, tolerance)
+    if error is None:
+        return cached
+    warnings.warn(
+        f"{path}: the cached reference log-probs differ from this reference model's by up to {error:.3g} "
+        f"nats on {len(first)} pairs recomputed as a check (a cache written by other code or weights under "
+        "the same key); recomputing it",
+        UserWarning,
+        stacklevel=3,
+    )
+    return None
+
+
+def _shared_reference_logps(
+    model: torch.nn.Module,
+    pairs: list[TokenizedPair],
+    logps_fn: LogpsFn,
+    cached: PairLogps | None,
+    batch_size: int,
+    desc: str,
+    max_tokens: int | None,
+    accelerator: Accelerator,
+) -> tuple[PairLogps, bool]:
+    """The reference pass split over processes, each pair computed by exactly one of them; returns the whole
+    table on every process and whether the main process's cache (`cached`) served it.
+
+    Each process fills its columns of a zero (4, N) table and the tables are summed across processes: every
+    column has a single non-zero contributor, so the sum is exact.
+    """
+    hit = bool(accelerator.reduce(torch.tensor([float(cached is not None)], device=accelerator.device)))
+    table = torch.zeros(4, len(pairs))
+    if cached is not None:
+        table = torch.stack(list(vars(cached).values()))
+    elif not hit:
+        mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
+        part = compute_logps(model, [pairs[i] for i in mine], logps_fn, batch_size, desc, max_tokens)
+        table[:, mine] = torch.stack(list(vars(part).values()))
+    table = accelerator.reduce(table.to(accelerator.device), "sum").cpu()  # (4, N), the same on every process
+    return PairLogps(*(row.clone() for row in table)), hit
+
+
+def _write_cache(path: Path, logps: PairLogps) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".partial-{path.name}.{os.getpid()}")
     save_file(
         {
@@ -177,4 +240,3 @@ def cached_reference_logps(
         str(partial),
     )
     publish_file(partial, path)  # a crash never leaves a truncated cache under the final name
-    return logps, False

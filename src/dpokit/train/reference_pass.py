@@ -1,6 +1,8 @@
 """The reference pass: reference log-probs before any optimizer step (SPEC §3.1).
 
 precompute: of every train and held-out pair, once, cached on disk, then the separate reference is freed.
+With several processes, each pair is computed by one of them and the whole table gathered on all; the
+main process alone reads and writes the cache.
 live: of the held-out pairs only (train pairs get a reference forward inside each step).
 none: nothing (reference-free losses such as SimPO).
 """
@@ -43,10 +45,12 @@ def reference_pass(run: Run) -> None:
                 method,
                 max_tokens=max_tokens,
                 tolerance=tolerance,
+                accelerator=run.accelerator,
             )
-            run.console.print(
-                f"reference log-probs of {len(data.train)} train pairs: {'cache hit' if hit else 'computed'}"
-            )
+            if run.accelerator.is_main_process:
+                run.console.print(
+                    f"reference log-probs of {len(data.train)} train pairs: {'cache hit' if hit else 'computed'}"
+                )
             if data.eval:
                 data.eval_reference, _ = cached_reference_logps(
                     model,
@@ -57,6 +61,7 @@ def reference_pass(run: Run) -> None:
                     method,
                     max_tokens=max_tokens,
                     tolerance=tolerance,
+                    accelerator=run.accelerator,
                 )
         run.reference = None  # every reference log-prob is on hand: free the weights before training
         gc.collect()
