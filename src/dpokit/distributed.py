@@ -101,6 +101,11 @@ def resolve_engine(distributed: str | None) -> Engine:
         )
     else:
         engine = Engine("ddp" if world_size() > 1 else "single")
+    if engine.sharded and "LOCAL_RANK" not in os.environ:
+        raise DpokitError(
+            "--distributed: fsdp2 needs a launcher, even for one process: "
+            "torchrun --nproc-per-node N -m dpokit.cli train ... --distributed fsdp2"
+        )
     if engine.name == "single" and world_size() > 1:
         raise DpokitError(
             f"--distributed: 'single' runs one process, but the launcher started {world_size()}; "
@@ -110,9 +115,10 @@ def resolve_engine(distributed: str | None) -> Engine:
 
 
 def make_accelerator(**kwargs: Any) -> Accelerator:
-    """accelerate's Accelerator for this process. Several processes on a machine without CUDA need cpu=True:
+    """accelerate's Accelerator for this process. Launched processes on a machine without CUDA need cpu=True:
     without it accelerate 1.15 leaves each process alone (no process group), each training on its own."""
-    return Accelerator(cpu=world_size() > 1 and not torch.cuda.is_available(), **kwargs)
+    launched = "LOCAL_RANK" in os.environ
+    return Accelerator(cpu=launched and not torch.cuda.is_available(), **kwargs)
 
 
 def shard_model(model: torch.nn.Module, engine: Engine, compute_dtype: torch.dtype | None) -> None:
