@@ -110,6 +110,8 @@ def restore(run: Run, checkpoint: Path, force: bool) -> int:
         )
     if changes:
         warnings.warn(f"--force-resume: {'; '.join(changes)} since {checkpoint}", UserWarning, stacklevel=2)
+    if run.scaler is not None and "scaler" in progress:
+        run.scaler.load_state_dict(progress["scaler"])  # fp16: the loss scale it had found, not a fresh one
     step = progress["step"]
     with warnings.catch_warnings():  # torch warns of a schedule stepped before any optimizer step: intended
         warnings.simplefilter("ignore", UserWarning)
@@ -169,9 +171,11 @@ def evaluate(run: Run, step: int, log: MetricsLog, hooks: RunHooks) -> None:
 
 
 def save(run: Run, step: int) -> None:
-    """Checkpoint `step`: trainable weights, optimizer, RNG and the run's identity; by the main process, or
-    under FSDP2 by every process, each writing its shards."""
+    """Checkpoint `step`: trainable weights, optimizer, RNG, fp16's loss scale and the run's identity; by the
+    main process, or under FSDP2 by every process, each writing its shards."""
     progress = {"seed": run.config.seed, "total_steps": run.total_steps, "identity": run.identity()}
+    if run.scaler is not None:
+        progress["scaler"] = run.scaler.state_dict()  # plain numbers: scale, growth tracker, factors
     keep = run.config.keep_checkpoints
     if run.sharded:
         save_sharded_checkpoint(run.accelerator, run.run_dir, step, run.policy, run.optimizer, progress, keep)
