@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpokit.config import RunConfig
 from dpokit.data.prepare import load_pairs
 from dpokit.logprobs import length_batches, padded_pair_logps
 from dpokit.models.loading import load_model, load_tokenizer
 from dpokit.reference.cache import FP32_TOLERANCE, cached_reference_logps
 from dpokit.train.loop import train
+from tiny_models import tiny_run_config
 
 
 def tamper(cache_dir, shift: float, index: list[int] | None = None) -> None:
@@ -67,20 +67,13 @@ def test_a_stale_entry_is_recomputed_and_rewritten(setup, tmp_path):
 def test_a_training_run_on_a_stale_entry_still_starts_at_ln2(tiny_model_dir, standard_file, tmp_path):
     """Full fine-tuning, precomputed reference: the policy is its reference at step 1, so the first loss is
     ln 2 to float precision, even when a planted stale cache entry would have shifted it."""
-    config = RunConfig(
-        model=str(tiny_model_dir),
-        train_data=str(standard_file),
-        eval_data=None,
-        sample_prompts=None,
-        use_lora=False,
+    config = tiny_run_config(
+        tmp_path,
+        tiny_model_dir,
+        standard_file,
         learning_rate=1e-6,
-        effective_batch_size=4,
-        micro_batch_size=2,
         max_steps=1,
-        save_every=0,
-        report_to=[],
         output_dir=str(tmp_path / "first"),
-        cache_dir=str(tmp_path / "cache"),
     )
     train(config)
     tamper(tmp_path / "cache" / "reference", 0.5)  # every pair: a loss well off ln 2 if it were used

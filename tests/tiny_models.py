@@ -90,3 +90,26 @@ CONVERSATIONAL_ROWS = [
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def tiny_run_config(tmp_path: Path, model_dir: Path, data: Path, **fields):
+    """A RunConfig for a few quick steps of full fine-tuning on a tiny model: no eval, samples, trackers or
+    checkpoints unless `fields` ask for them; the output under tmp_path/run, the cache under tmp_path/cache."""
+    from dpokit.config import RunConfig
+
+    base = dict(
+        model=str(model_dir),
+        train_data=str(data),
+        eval_data=None,
+        sample_prompts=None,
+        use_lora=False,
+        learning_rate=1e-3,
+        effective_batch_size=4,
+        micro_batch_size=2,
+        save_every=0,
+        report_to=[],
+        output_dir=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+        allow_risky_hyperparameters=True,  # tiny random models need large steps to move in a few steps
+    )
+    return RunConfig(**{**base, **fields})

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from dpokit.config import RunConfig
 from dpokit.errors import DpokitError
 from dpokit.models.loading import add_lora, compile_layers, load_model
 from dpokit.train.loop import train
+from tiny_models import tiny_run_config
 
 
 def test_every_decoder_layer_is_compiled_and_nothing_else(tiny_model_dir) -> None:
@@ -32,22 +32,13 @@ def test_a_model_without_decoder_layers_is_refused() -> None:
 
 
 def train_losses(tiny_model_dir, standard_file, tmp_path, compile: bool) -> list[float]:
-    config = RunConfig(
-        model=str(tiny_model_dir),
-        train_data=str(standard_file),
-        eval_data=None,
-        sample_prompts=None,
-        use_lora=False,
-        learning_rate=1e-3,
-        effective_batch_size=4,
-        micro_batch_size=2,
+    config = tiny_run_config(
+        tmp_path,
+        tiny_model_dir,
+        standard_file,
         max_steps=3,
-        save_every=0,
-        report_to=[],
         compile=compile,
-        allow_risky_hyperparameters=True,
         output_dir=str(tmp_path / f"compile-{compile}"),
-        cache_dir=str(tmp_path / "cache"),
     )
     train(config)
     records = [json.loads(line) for line in (tmp_path / f"compile-{compile}" / "metrics.jsonl").open()]

@@ -8,7 +8,6 @@ checkpointed without it takes the dense 4-D mask, which is exact at any time.
 from __future__ import annotations
 
 import pytest
-import torch
 from test_equivalence import PAD, VOCAB, assert_same, loss_and_grads, padded_fn
 
 from dpokit.packing import attention, forward
@@ -62,18 +61,3 @@ def test_flex_kernel_is_kept_too(monkeypatch) -> None:
     model = build_model(VOCAB, seed=0).train()
     enable_checkpointing(model)
     assert attention_mode(model, row_length=64) == "flex"
-
-
-@pytest.fixture(scope="module")
-def pairs():
-    from test_equivalence import make_pairs
-
-    return make_pairs()
-
-
-@pytest.fixture(scope="module")
-def reference(pairs):
-    from dpokit.logprobs import padded_pair_logps
-
-    with torch.inference_mode():
-        return padded_pair_logps(build_model(VOCAB, seed=1), pairs, PAD)

@@ -33,17 +33,6 @@ def make_pairs(lengths: list[tuple[int, int, int]] = LENGTHS, seed: int = 0) -> 
     return [TokenizedPair(ids(p), ids(c), ids(r), line=i) for i, (p, c, r) in enumerate(lengths)]
 
 
-@pytest.fixture(scope="module")
-def pairs() -> list[TokenizedPair]:
-    return make_pairs()
-
-
-@pytest.fixture(scope="module")
-def reference(pairs) -> PairLogps:
-    with torch.inference_mode():
-        return padded_pair_logps(build_model(VOCAB, seed=1), pairs, PAD)
-
-
 def loss_and_grads(model: torch.nn.Module, logps_fn, pairs, reference: PairLogps):
     """Log-probs, per-pair sigmoid DPO losses and the gradient of their sum for every trainable parameter."""
     model.zero_grad(set_to_none=True)
