@@ -1,0 +1,40 @@
+"""DDP over gloo on CPU, 2 processes: the same run as 1 process, and a killed run resumed equals it too."""
+
+from __future__ import annotations
+
+import pytest
+from launching import (
+    accelerate_launch,
+    assert_same_training,
+    kill_after_first_checkpoint,
+    run,
+    settings,
+    torchrun,
+    train_losses,
+)
+
+
+@pytest.mark.slow
+def test_ddp_under_accelerate_launch_with_the_shipped_preset_equals_one_process(
+    one_process, tiny_model_dir, pairs_file, tmp_path
+):
+    """Each process takes half of every step's 8 pairs; gradients are weighted so that DDP's average over
+    processes equals the 1-process mean over all 8: the same losses step after step, the same weights."""
+    out = tmp_path / "ddp"
+    run(accelerate_launch(2, settings(tiny_model_dir, pairs_file, out), "ddp"), out)
+    assert len(train_losses(one_process)) == 4
+    assert train_losses(one_process)[-1] < train_losses(one_process)[0]
+    assert_same_training(out, one_process)
+
+
+@pytest.mark.slow
+def test_ddp_killed_then_resumed_under_torchrun_equals_one_process(
+    one_process, tiny_model_dir, pairs_file, tmp_path
+):
+    """SIGKILL to torchrun and both processes once a checkpoint exists, then --resume with 2 processes."""
+    out = tmp_path / "ddp"
+    args = settings(tiny_model_dir, pairs_file, out)
+    kill_after_first_checkpoint(torchrun(2, args, "ddp"), out)
+    assert not (out / "final").exists(), "the kill landed before the end"
+    run(torchrun(2, [*args, "--resume"], "ddp"), out)
+    assert_same_training(out, one_process)

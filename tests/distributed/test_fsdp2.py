@@ -1,0 +1,91 @@
+"""FSDP2 over gloo on CPU, 2 processes: weights, gradients and AdamW state sharded, the same run as 1 process;
+sharded (DCP) checkpoints resume after a kill, refuse another process count, and export to a standalone model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from launching import (
+    assert_same_training,
+    kill_after_first_checkpoint,
+    records,
+    run,
+    settings,
+    single,
+    torchrun,
+)
+from safetensors.torch import load_file
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory, tiny_model_dir, pairs_file) -> Path:
+    out = tmp_path_factory.mktemp("fsdp2") / "run"
+    run(torchrun(2, settings(tiny_model_dir, pairs_file, out), "fsdp2"), out)
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_equal_one(fsdp2_run, one_process):
+    """Each process holds half of every weight; the losses, held-out evaluations and the final weights
+    (gathered from the shards into final/) equal the 1-process run's."""
+    assert_same_training(fsdp2_run, one_process)
+    assert [r["step"] for r in records(fsdp2_run) if r["split"] == "eval"] == [0, 4]
+    checkpoint = fsdp2_run / "checkpoints" / "step-000004"
+    shards = sorted(p.name for p in checkpoint.glob("*.distcp"))
+    assert (checkpoint / ".metadata").exists() and len(shards) == 2, shards
+    assert json.loads((checkpoint / "progress.json").read_text())["num_processes"] == 2
+
+
+@pytest.mark.slow
+def test_fsdp2_killed_then_resumed_equals_uninterrupted(fsdp2_run, tiny_model_dir, pairs_file, tmp_path):
+    """SIGKILL to torchrun and both processes once a sharded checkpoint exists; --resume with 2 processes
+    ends as the uninterrupted run. Resuming with 1 process is refused with the number to use."""
+    out = tmp_path / "fsdp2"
+    args = settings(tiny_model_dir, pairs_file, out)
+    kill_after_first_checkpoint(torchrun(2, args, "fsdp2"), out)
+    assert not (out / "final").exists(), "the kill landed before the end"
+    error = run(torchrun(1, [*args, "--resume"], "fsdp2"), out, expect=1)
+    assert "written by 2 processes, this run has 1; resume with 2" in error
+    run(torchrun(2, [*args, "--resume"], "fsdp2"), out)
+    assert_same_training(out, fsdp2_run)
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_exports_to_a_standalone_model(fsdp2_run, tmp_path):
+    """`dpokit export --checkpoint latest` consolidates the last sharded checkpoint in one process: the
+    result loads in transformers and holds the trained weights, as final/ does."""
+    out = tmp_path / "exported"
+    export = [sys.executable, "-m", "dpokit.cli", "export", str(fsdp2_run), "--out", str(out)]
+    run([*export, "--checkpoint", "latest"], out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    trained = load_file(str(fsdp2_run / "final" / "model.safetensors"))
+    exported = model.state_dict()
+    assert trained.keys() == exported.keys()
+    for name, value in trained.items():
+        assert_close(exported[name], value, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_with_live_adapter_disabled_reference_equals_one_process(
+    tiny_model_dir, pairs_file, tmp_path
+):
+    """LoRA under FSDP2, the reference being the sharded base with adapters disabled at every step."""
+    lora = ["use_lora=true", "learning_rate=1e-3", "reference_mode=live", "eval_data=null"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(single(settings(tiny_model_dir, pairs_file, one, *lora)), one)
+    run(torchrun(2, settings(tiny_model_dir, pairs_file, two, *lora), "fsdp2"), two)
+    have = [r["loss"] for r in records(two)]
+    want = [r["loss"] for r in records(one)]
+    assert have == pytest.approx(want, abs=1e-5)
+    adapters = load_file(str(two / "final" / "adapter_model.safetensors"))
+    expected = load_file(str(one / "final" / "adapter_model.safetensors"))
+    assert adapters.keys() == expected.keys()
+    for name in adapters:
+        assert_close(adapters[name], expected[name], atol=1e-5, rtol=0)
+    assert torch.count_nonzero(next(v for k, v in adapters.items() if "lora_B" in k)) > 0
