@@ -60,3 +60,18 @@ def test_rounds_report_plots_and_samples(tmp_path) -> None:
         assert f"answer 0 of round {n}" in html and f"answer 1 of round {n}" in html
     assert "12 tokens · judge +0.5<" in html and "11 tokens · judge failed<" in html
     assert "<script" not in html and "<link" not in html
+
+
+def test_pairwise_samples_show_the_outcome_against_round_0(tmp_path) -> None:
+    """A pairwise judge scores no single answer: the cells say how each answer fared against round 0's."""
+    run = make_iterate_run(tmp_path)
+    outcomes = [1.0, 0.5, 0.0, None]
+    samples = [
+        {"prompt": f"p{i}", "text": f"t{i}", "num_tokens": 5, "score": None, "vs_reference": o}
+        for i, o in enumerate(outcomes)
+    ]
+    (run / "round-2" / "eval_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    html = write_report(run, tmp_path / "report.html").read_text()
+    for text in ("preferred to round 0", "tie with round 0", "round 0 preferred"):
+        assert f"5 tokens · judge {text}<" in html
+    assert html.count("5 tokens · judge failed<") == 1

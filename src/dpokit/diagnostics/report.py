@@ -360,9 +360,17 @@ def _round_samples(run_dir: Path, rounds: list[dict[str, Any]]) -> str:
     return "".join(tables) or '<p class="muted">No eval_samples.jsonl in this run.</p>'
 
 
+# A pairwise judge scores no single answer; eval_samples.jsonl holds the outcome against round 0's answer.
+OUTCOMES = {1.0: "preferred to round 0", 0.5: "tie with round 0", 0.0: "round 0 preferred"}
+
+
 def _round_cell(sample: dict[str, Any]) -> str:
-    score = sample.get("score")
-    meta = f"{sample['num_tokens']} tokens · judge " + (f"{score:+.3g}" if finite(score) else "failed")
+    score, outcome = sample.get("score"), sample.get("vs_reference")
+    if finite(score):
+        judged = f"{score:+.3g}"
+    else:  # a pairwise judge's outcome, when it has one; else the judge failed on this answer
+        judged = OUTCOMES.get(outcome, "failed") if outcome is not None else "failed"
+    meta = f"{sample['num_tokens']} tokens · judge {judged}"
     return f'<td><div class="text">{escape(sample["text"])}</div><div class="meta">{meta}</div></td>'
 
 
