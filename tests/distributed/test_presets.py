@@ -1,0 +1,76 @@
+"""`--distributed`: every shipped preset is a valid accelerate config that names its engine; the engine comes
+from the flag, else from what `accelerate launch` put in the environment; misuses fail with one line."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from dpokit.distributed import PRESETS, Engine, preset_path, resolve_engine
+from dpokit.errors import DpokitError
+
+LAUNCHER_VARIABLES = (
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "ACCELERATE_USE_FSDP",
+    "ACCELERATE_USE_DEEPSPEED",
+    "FSDP_VERSION",
+)
+
+
+@pytest.fixture(autouse=True)
+def no_launcher(monkeypatch):
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_is_an_accelerate_config_file(name):
+    config = yaml.safe_load(preset_path(name).read_text())
+    assert config["compute_environment"] == "LOCAL_MACHINE"
+    assert config["mixed_precision"] == "no", "dpokit's own precision field decides"
+
+
+def test_presets_name_their_engines(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_engine("ddp") == Engine("ddp")
+    assert resolve_engine("fsdp2") == Engine("fsdp2")
+    assert resolve_engine("fsdp2-offload") == Engine("fsdp2", offload=True)
+    assert resolve_engine(str(preset_path("fsdp2-offload"))) == Engine("fsdp2", offload=True)
+    assert resolve_engine(None) == Engine("ddp"), "several processes and no flag: DDP"
+
+
+def test_accelerate_launch_environment_picks_fsdp2(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert resolve_engine(None) == Engine("fsdp2")
+
+
+def test_one_process_without_a_launcher_is_single():
+    assert resolve_engine(None) == Engine("single")
+    assert resolve_engine("single") == Engine("single")
+
+
+@pytest.mark.parametrize(
+    ("flag", "environment", "message"),
+    [
+        ("zero9", {}, "unknown preset 'zero9'"),
+        ("missing.yaml", {}, "missing.yaml does not exist"),
+        ("deepspeed-zero3", {}, "DeepSpeed is not supported"),
+        ("fsdp2", {}, "fsdp2 needs a launcher"),
+        ("single", {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "'single' runs one process"),
+        (
+            None,
+            {"LOCAL_RANK": "0", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"},
+            "fsdp_version must be 2",
+        ),
+    ],
+)
+def test_misuse_is_one_line_naming_the_flag(monkeypatch, flag, environment, message):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(DpokitError, match=message) as error:
+        resolve_engine(flag)
+    assert "\n" not in str(error.value)
