@@ -8,6 +8,7 @@ The public API (everything else is private and may change):
     dpokit.evaluate(result.model_dir, "heldout.jsonl", reference="./sft-model")
     dpokit.audit("pairs.jsonl"), dpokit.doctor(result.run_dir)          # -> [dpokit.Finding, ...]
     dpokit.RunConfig.from_trl(dpo_config, model="./sft-model")          # a TRL DPOConfig, mapped
+    dpokit.iterate("examples/sentiment/config.yaml")                    # on-policy rounds -> IterateResult
 """
 
 # The modules dpokit.train (the loop) and dpokit.evaluate (the metrics engine) are imported first, so that
@@ -15,7 +16,7 @@ The public API (everything else is private and may change):
 # `import dpokit.train.loop` finds the module in sys.modules and leaves the name alone.
 import dpokit.evaluate as _evaluate_module  # noqa: F401
 import dpokit.train as _train_package  # noqa: F401
-from dpokit.api import TrainResult, audit, doctor, evaluate, train
+from dpokit.api import IterateResult, TrainResult, audit, doctor, evaluate, iterate, train
 from dpokit.config import RunConfig
 from dpokit.data.prepare import load_pairs
 from dpokit.diagnostics.findings import Finding
@@ -33,6 +34,7 @@ from dpokit.losses import (
     sigmoid_norm,
     simpo,
 )
+from dpokit.online.config import IterateConfig
 
 __version__ = "0.1.0"
 
@@ -40,6 +42,8 @@ __all__ = [
     "LOSSES",
     "DpokitError",
     "Finding",
+    "IterateConfig",
+    "IterateResult",
     "LossParams",
     "PairLogps",
     "RunConfig",
@@ -50,6 +54,7 @@ __all__ = [
     "evaluate",
     "hinge",
     "ipo",
+    "iterate",
     "load_pairs",
     "rdpo",
     "robust",

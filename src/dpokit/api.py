@@ -24,6 +24,8 @@ from rich.console import Console
 from dpokit.config import RunConfig
 from dpokit.data.prepare import Rows
 from dpokit.diagnostics.findings import Finding
+from dpokit.errors import DpokitError
+from dpokit.online.config import IterateConfig
 
 # A path (str or Path), a list of row dicts, a `datasets.Dataset`, or a pandas DataFrame.
 Data = str | os.PathLike | Sequence[Mapping[str, Any]] | Any
@@ -113,6 +115,48 @@ def train(
         eval_metrics=run.eval[-1] if run.eval else None,
         model_dir=run_dir / "final",
         findings=diagnose(run_dir),
+    )
+
+
+@dataclass(frozen=True)
+class IterateResult:
+    """What an on-policy run leaves: its directory, its rounds.jsonl records and the last round's policy."""
+
+    run_dir: Path
+    rounds: list[dict[str, Any]]  # one per round, round 0 (the starting policy) first: reward_mean, kl, ...
+    policy: Path | str  # the final policy: a model or LoRA adapter directory (the starting model's name if
+    # no round trained)
+
+
+def iterate(
+    config: IterateConfig | str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+) -> IterateResult:
+    """Run on-policy DPO round after round (generate, judge, pair, train, evaluate), as `dpokit iterate` does.
+
+    config: an IterateConfig, or the path of its YAML file, with `key=value` overrides (`train.beta=0.2`).
+    resume: continue the run in config.output_dir from its last finished stage. quiet: print nothing.
+
+    >>> result = dpokit.iterate("examples/sentiment/config.yaml", ["rounds=1"])
+    >>> [(r["round"], r["reward_mean"], r["kl"]) for r in result.rounds], result.policy
+    """
+    from dpokit.online.config import load_iterate_config
+    from dpokit.online.loop import Loop, read_jsonl
+    from dpokit.online.loop import iterate as run_iterate
+
+    if not isinstance(config, IterateConfig):
+        config = load_iterate_config(Path(config), list(overrides))
+    elif overrides:
+        raise DpokitError("iterate: overrides apply to a config file; change the IterateConfig instead")
+    with silenced(quiet):
+        run_dir = run_iterate(config, resume=resume, console=Console(stderr=True, quiet=quiet))
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    last = Loop(config, run_dir, Console(quiet=True), None, [], []).policy(rounds[-1]["round"])
+    return IterateResult(
+        run_dir=run_dir, rounds=rounds, policy=last if last == config.train.model else Path(last)
     )
 
 
