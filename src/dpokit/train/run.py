@@ -205,6 +205,10 @@ def setup_run(
     accelerator = make_accelerator(log_with=config.report_to or None, project_dir=str(run_dir))
     set_seed(config.seed)
     precision = resolve_precision(config.precision, accelerator.device)
+    if engine.offload and accelerator.device.type == "cpu":
+        raise DpokitError(
+            "--distributed: fsdp2-offload moves shards from accelerator memory to CPU memory; on CPU use fsdp2"
+        )
     if engine.sharded and precision.name == "fp16-mixed":
         raise DpokitError(
             "precision: fp16-mixed under fsdp2 would need a sharded gradient scaler; use bf16-mixed or fp32"
