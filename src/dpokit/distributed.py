@@ -123,7 +123,8 @@ def make_accelerator(**kwargs: Any) -> Accelerator:
 
 def shard_model(model: torch.nn.Module, engine: Engine, compute_dtype: torch.dtype | None) -> None:
     """Apply FSDP2 in place: one `fully_shard` unit per decoder layer (the classes transformers marks as
-    `_no_split_modules`), one for the LM head, then the root (embeddings, final norm).
+    `_no_split_modules`), one for the LM head, then the root (embeddings, final norm): the transformers
+    model itself, under any PEFT wrapper.
 
     compute_dtype: under a mixed precision, FSDP2 gathers weights in this dtype for the forward and backward,
     while the sharded master weights, AdamW state and the gradient reduction stay float32 (SPEC §9); None
@@ -146,14 +147,16 @@ def shard_model(model: torch.nn.Module, engine: Engine, compute_dtype: torch.dty
     head = base.get_output_embeddings()
     if head is not None and head.weight is not base.get_input_embeddings().weight:
         fully_shard(head, **(options | {"reshard_after_forward": False}))
-    # The root keeps FSDP2's default (gathered until the backward): True there crashed the backward on gloo.
-    fully_shard(model, **(options | {"reshard_after_forward": None}))
+    # The root is the transformers model, inside a PEFT wrapper if any: peft's generate() calls that model,
+    # never the wrapper, and a root that never runs its forward never gathers the embeddings. The root keeps
+    # FSDP2's default (gathered until the backward): True there crashed the backward on gloo.
+    fully_shard(base, **(options | {"reshard_after_forward": None}))
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule)
+    return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def clip_grad_norm(accelerator: Accelerator, model: torch.nn.Module, params: list, max_norm: float) -> float:

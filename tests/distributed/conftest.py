@@ -12,7 +12,11 @@ from tiny_models import STANDARD_ROWS, write_jsonl
 
 @pytest.fixture(scope="session")
 def pairs_file(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", STANDARD_ROWS)
+    path = write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", STANDARD_ROWS)
+    path.with_name("prompts.txt").write_text(
+        "The movie was\nWhat color is the sky?\n"
+    )  # `settings` samples them
+    return path
 
 
 @pytest.fixture(scope="session")

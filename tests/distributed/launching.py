@@ -1,7 +1,8 @@
 """Launching dpokit training on CPU with gloo, as users launch it on GPUs: torchrun or accelerate launch.
 
-The config is small enough for CI (16 tiny pairs, 4 optimizer steps of 8 pairs) and saves every step, so a
-kill always has a checkpoint to resume from.
+The config is small enough for CI (16 tiny pairs, 4 optimizer steps of 8 pairs, greedy samples of 4 tokens
+every 2 steps from prompts.txt beside the pairs) and saves every step, so a kill always has a checkpoint to
+resume from.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def settings(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [
         f"model={model_dir}", f"train_data={data}", f"eval_data={data}", "use_lora=false",
         "learning_rate=1e-4", "allow_risky_hyperparameters=true", "effective_batch_size=8", "micro_batch_size=2",
-        "num_epochs=2", "save_every=1", "sample_prompts=null", "report_to=[]", "warmup_ratio=0",
+        "num_epochs=2", "save_every=1", f"sample_prompts={data.with_name('prompts.txt')}", "sample_every=2",
+        "sample_max_new_tokens=4", "report_to=[]", "warmup_ratio=0",
         f"output_dir={out}", f"cache_dir={out}-cache", *extra,
     ]  # fmt: skip
 

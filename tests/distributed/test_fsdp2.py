@@ -36,6 +36,11 @@ def test_fsdp2_two_processes_equal_one(fsdp2_run, one_process):
     (gathered from the shards into final/) equal the 1-process run's."""
     assert_same_training(fsdp2_run, one_process)
     assert [r["step"] for r in records(fsdp2_run) if r["split"] == "eval"] == [0, 4]
+    # Every process generates (the weights are sharded), the main one writes: greedy text equal to 1 process.
+    samples = [json.loads(line) for line in (fsdp2_run / "samples.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (one_process / "samples.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["text"]) for s in samples] == [(s["step"], s["text"]) for s in expected]
+    assert [s["step"] for s in samples] == [0, 0, 2, 2, 4, 4]
     checkpoint = fsdp2_run / "checkpoints" / "step-000004"
     shards = sorted(p.name for p in checkpoint.glob("*.distcp"))
     assert (checkpoint / ".metadata").exists() and len(shards) == 2, shards
