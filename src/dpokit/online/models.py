@@ -3,17 +3,17 @@ generation and log-probs. Precision comes from the train section, as in `dpokit 
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpokit.config import RunConfig
 from dpokit.data.rows import PreferenceRow, Text
 from dpokit.data.tokenize import tokenize_rows
-from dpokit.logprobs import PairLogps, compute_logps, padded_pair_logps
+from dpokit.logprobs import PairLogps, compute_logps
 from dpokit.models.loading import adapter_base, load_adapter, load_model
 from dpokit.online.generation import training_prompt
+from dpokit.packing import build_logps_fn
+from dpokit.packing.chunked import DEFAULT_CHUNK_SIZE
 from dpokit.train.precision import resolve_precision
 
 
@@ -54,5 +54,13 @@ def row_logps(
 ) -> PairLogps:
     """Summed answer log-probs of preference rows under `model`, tokenized exactly as training does."""
     pairs = tokenize_rows(tokenizer, [PreferenceRow(**row, line=i) for i, row in enumerate(rows)], None).pairs
-    logps_fn = partial(padded_pair_logps, pad_token_id=tokenizer.pad_token_id)
+    # Training's fast path (packed rows, each prompt run once, output layer in chunks): the padded one computed
+    # full-vocabulary logits at every prompt position too, and each prompt twice.
+    logps_fn = build_logps_fn(
+        tokenizer.pad_token_id,
+        packing=True,
+        share_prompt=True,
+        chunk_size=DEFAULT_CHUNK_SIZE,
+        token_budget=RunConfig.model_fields["token_budget"].default,
+    )
     return compute_logps(model, pairs, logps_fn, batch_size, "log-probs")
