@@ -24,15 +24,15 @@ demo: setup
 	$(BIN)/dpokit train builtin:demo output_dir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
-	$(BIN)/ruff check src tests scripts benchmarks
+	$(BIN)/ruff check src tests scripts benchmarks examples
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -q
 
 lint: setup
-	$(BIN)/ruff check src tests scripts benchmarks
-	$(BIN)/ruff format --check src tests scripts benchmarks
+	$(BIN)/ruff check src tests scripts benchmarks examples
+	$(BIN)/ruff format --check src tests scripts benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
