@@ -77,17 +77,22 @@ def test_fsdp2_checkpoint_exports_to_a_standalone_model(fsdp2_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_lora_with_live_adapter_disabled_reference_equals_one_process(
+def test_fsdp2_lora_with_live_adapter_disabled_reference_killed_resumed_equals_one_process(
     tiny_model_dir, pairs_file, tmp_path
 ):
-    """LoRA under FSDP2, the reference being the sharded base with adapters disabled at every step."""
+    """LoRA under FSDP2, the reference being the sharded base with adapters disabled at every step; killed
+    once a checkpoint (adapters and their AdamW state only) exists and resumed, it ends as 1 process does."""
     lora = ["use_lora=true", "learning_rate=1e-3", "reference_mode=live", "eval_data=null"]
     one, two = tmp_path / "one", tmp_path / "two"
     run(single(settings(tiny_model_dir, pairs_file, one, *lora)), one)
-    run(torchrun(2, settings(tiny_model_dir, pairs_file, two, *lora), "fsdp2"), two)
-    have = [r["loss"] for r in records(two)]
-    want = [r["loss"] for r in records(one)]
-    assert have == pytest.approx(want, abs=1e-5)
+    args = settings(tiny_model_dir, pairs_file, two, *lora)
+    kill_after_first_checkpoint(torchrun(2, args, "fsdp2"), two)
+    assert not (two / "final").exists(), "the kill landed before the end"
+    run(torchrun(2, [*args, "--resume"], "fsdp2"), two)
+    have = [(r["step"], r["loss"]) for r in records(two)]
+    want = [(r["step"], r["loss"]) for r in records(one)]
+    assert [step for step, _ in have] == [step for step, _ in want]
+    assert [loss for _, loss in have] == pytest.approx([loss for _, loss in want], abs=1e-5)
     adapters = load_file(str(two / "final" / "adapter_model.safetensors"))
     expected = load_file(str(one / "final" / "adapter_model.safetensors"))
     assert adapters.keys() == expected.keys()
