@@ -80,9 +80,16 @@ def test_fsdp2_checkpoint_exports_to_a_standalone_model(fsdp2_run, tmp_path):
 def test_fsdp2_lora_with_live_adapter_disabled_reference_killed_resumed_equals_one_process(
     tiny_model_dir, pairs_file, tmp_path
 ):
-    """LoRA under FSDP2, the reference being the sharded base with adapters disabled at every step; killed
-    once a checkpoint (adapters and their AdamW state only) exists and resumed, it ends as 1 process does."""
-    lora = ["use_lora=true", "learning_rate=1e-3", "reference_mode=live", "eval_data=null"]
+    """LoRA with gradient checkpointing under FSDP2, the reference being the sharded base with adapters
+    disabled at every step; killed once a checkpoint (adapters and their AdamW state only) exists and
+    resumed, it ends as 1 process does."""
+    lora = [
+        "use_lora=true",
+        "learning_rate=1e-3",
+        "reference_mode=live",
+        "eval_data=null",
+        "gradient_checkpointing=true",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     run(single(settings(tiny_model_dir, pairs_file, one, *lora)), one)
     args = settings(tiny_model_dir, pairs_file, two, *lora)
