@@ -10,6 +10,7 @@ none: nothing (reference-free losses such as SimPO).
 from __future__ import annotations
 
 import gc
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,34 +36,24 @@ def reference_pass(run: Run) -> None:
             f"precision={run.precision.name},compile={config.compile}"
         )
         tolerance = FP32_TOLERANCE if run.precision.compute_dtype == torch.float32 else AUTOCAST_TOLERANCE
+        reference_logps = partial(
+            cached_reference_logps,
+            logps_fn=run.logps_fn,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            method=method,
+            max_tokens=max_tokens,
+            tolerance=tolerance,
+            accelerator=run.accelerator,
+        )
         with reference_context(run.policy, run.reference) as model:
-            data.train_reference, hit = cached_reference_logps(
-                model,
-                data.train,
-                run.logps_fn,
-                cache_dir,
-                batch_size,
-                method,
-                max_tokens=max_tokens,
-                tolerance=tolerance,
-                accelerator=run.accelerator,
-            )
+            data.train_reference, hit = reference_logps(model, data.train)
             if run.accelerator.is_main_process:
                 run.console.print(
                     f"reference log-probs of {len(data.train)} train pairs: {'cache hit' if hit else 'computed'}"
                 )
             if data.eval:
-                data.eval_reference, _ = cached_reference_logps(
-                    model,
-                    data.eval,
-                    run.logps_fn,
-                    cache_dir,
-                    batch_size,
-                    method,
-                    max_tokens=max_tokens,
-                    tolerance=tolerance,
-                    accelerator=run.accelerator,
-                )
+                data.eval_reference, _ = reference_logps(model, data.eval)
         run.reference = None  # every reference log-prob is on hand: free the weights before training
         gc.collect()
     elif run.mode == "live" and data.eval:
