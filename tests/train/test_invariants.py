@@ -24,27 +24,12 @@ from dpokit.reference.cache import cached_reference_logps
 from dpokit.train import checkpoint as checkpoint_module
 from dpokit.train.hooks import RunHooks
 from dpokit.train.loop import train
+from tiny_models import tiny_run_config
 
 
 def make_config(tmp_path: Path, model_dir: Path, data: Path, **fields) -> RunConfig:
-    base = dict(
-        model=str(model_dir),
-        train_data=str(data),
-        eval_data=None,
-        use_lora=False,
-        learning_rate=1e-3,
-        effective_batch_size=4,
-        micro_batch_size=2,
-        warmup_ratio=0.0,
-        output_dir=str(tmp_path / "run"),
-        cache_dir=str(tmp_path / "cache"),
-        sample_prompts=None,
-        report_to=[],
-        save_every=2,
-        allow_risky_hyperparameters=True,  # tiny random models need large steps to move in a few steps
-    )
-    base.update(fields)
-    return RunConfig(**base)
+    """tiny_run_config with no warmup and a checkpoint every 2 steps."""
+    return tiny_run_config(tmp_path, model_dir, data, **{"warmup_ratio": 0.0, "save_every": 2, **fields})
 
 
 def losses_by_step(run_dir: Path) -> dict[int, float]:
