@@ -6,6 +6,7 @@ torchrun --nproc-per-node 8 -m dpokit.cli train my.yaml --distributed fsdp2   # 
 dpokit eval --policy runs/dpokit/final --data pairs.jsonl --json metrics.json
 dpokit export runs/dpokit --merge --out merged/
 dpokit iterate my-iterate.yaml --resume   # on-policy DPO, round after round (docs/iterate.md)
+torchrun --nproc-per-node 8 -m dpokit.cli iterate my-iterate.yaml --distributed ddp   # on 8 GPUs
 """
 
 from __future__ import annotations
@@ -271,6 +272,15 @@ def iterate(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the last finished stage of the last round.")
     ] = False,
+    distributed: Annotated[
+        str | None,
+        typer.Option(
+            "--distributed",
+            help="Engine each round trains with under torchrun / accelerate launch, as for `dpokit train` "
+            "(single, ddp, fsdp2, fsdp2-offload or an accelerate config file); every process generates its "
+            "share of the prompts, rank 0 judges, pairs and writes.",
+        ),
+    ] = None,
 ) -> None:
     """On-policy DPO: R rounds of generate, judge, pair, train and evaluate (RUN_DIR/rounds.jsonl)."""
     from dpokit.online.config import load_iterate_config
@@ -278,7 +288,10 @@ def iterate(
 
     try:
         run_dir = run_iterate(
-            load_iterate_config(config, list(overrides or [])), resume=resume, console=console
+            load_iterate_config(config, list(overrides or [])),
+            resume=resume,
+            console=console,
+            distributed=distributed,
         )
     except DpokitError as error:
         _fail(error)

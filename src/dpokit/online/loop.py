@@ -2,6 +2,7 @@
 
 dpokit iterate my-iterate.yaml                 # R rounds into output_dir
 dpokit iterate my-iterate.yaml --resume        # continue from the last finished stage
+torchrun --standalone --nproc-per-node 2 -m dpokit.cli iterate my-iterate.yaml --distributed ddp
 
 From Python: `iterate(load_iterate_config(Path("my-iterate.yaml")))`. Layout of RUN_DIR:
   round-N/generations.jsonl  k answers per prompt          (generation)
@@ -11,15 +12,16 @@ From Python: `iterate(load_iterate_config(Path("my-iterate.yaml")))`. Layout of 
                              its adapter, which round N+1 trains on; `reference: previous` with LoRA merges
                              it into round-N/policy)
   round-N/eval_samples.jsonl, one line of rounds.jsonl     (evaluation; round 0 is the starting policy)
-A stage whose output exists is never run again.
+A stage whose output exists is never run again. Under a launcher every rank generates its share of the
+batches and trains; rank 0 alone judges, pairs, evaluates and writes (see online/ranks.py).
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +31,23 @@ from rich.table import Table
 
 from dpokit.atomic import write_atomic
 from dpokit.data.rows import Text
+from dpokit.distributed import resolve_engine
 from dpokit.errors import DpokitError
 from dpokit.models.loading import is_peft, load_adapter, load_model, load_tokenizer, reference_context
 from dpokit.online.backends import check_backend, open_backend
 from dpokit.online.config import IterateConfig
 from dpokit.online.evaluation import judge_held_out, kl_estimate, summarize
-from dpokit.online.generation import Sampling
+from dpokit.online.generation import Answer, Sampling
 from dpokit.online.judges import Judge, build_judge
 from dpokit.online.models import inference_device, load_frozen, preference_row, row_logps
 from dpokit.online.pairs import DROP_GAP, DROP_JUDGE, DROP_MINING, hard_negatives, implicit_margins, pick_pair
 from dpokit.online.prompts import read_prompts
+from dpokit.online.ranks import Ranks, process_group_kept, start_ranks, stop_ranks
 from dpokit.train.output import save_final
+
+# Generation batch b is seeded seed + b * BATCH_SEED_STRIDE: its answers depend on its own prompts and seed
+# only, whichever process draws it, and no two batches of a run (seed + round) share a seed.
+BATCH_SEED_STRIDE = 1 << 20
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -57,9 +65,11 @@ class Loop:
     config: IterateConfig
     run_dir: Path
     console: Console
-    judge: Judge
+    judge: Judge | None  # rank 0's; None on the other ranks, which do not judge
     train_prompts: list[Text]
     eval_prompts: list[Text]
+    ranks: Ranks = field(default_factory=Ranks)
+    distributed: str | None = None  # `dpokit train`'s --distributed: the engine every round trains with
 
     @cached_property
     def tokenizer(self):
@@ -110,13 +120,46 @@ def generate_stage(loop: Loop, n: int) -> None:
             random.Random(config.train.seed + n).sample(range(len(prompts)), config.prompts_per_round)
         )
         prompts = [prompts[i] for i in keep]
-    with open_backend(loop, n - 1, loop.round_dir(n) / "server-generation.log") as backend:
-        answers = backend.generate(prompts, config.samples_per_prompt, loop.sampling(), config.train.seed + n)
-    records = [
-        {"prompt": p, "answers": [a.text for a in group], "num_tokens": [a.num_tokens for a in group]}
-        for p, group in zip(prompts, answers)
-    ]
-    write_jsonl(loop.round_dir(n) / "generations.jsonl", records)
+    log = loop.round_dir(n) / "server-generation.log"
+    answers = generate(loop, n - 1, prompts, config.samples_per_prompt, config.train.seed + n, log)
+
+    def write() -> None:
+        records = [
+            {"prompt": p, "answers": [a.text for a in group], "num_tokens": [a.num_tokens for a in group]}
+            for p, group in zip(prompts, answers)
+        ]
+        write_jsonl(loop.round_dir(n) / "generations.jsonl", records)
+
+    loop.ranks.on_main(write)
+
+
+def generate(
+    loop: Loop, n: int, prompts: list[Text], k: int, seed: int, log: Path, model=None
+) -> list[list[Answer]] | None:
+    """k answers per prompt from the policy after round n (`model`: it, already loaded), on rank 0 (None on
+    the other ranks when a server generates).
+
+    transformers: batches of generation_batch_size prompts, each seeded on its own (BATCH_SEED_STRIDE) and
+    dealt out over the ranks, each rank generating with a whole copy of the policy (under fsdp2 too:
+    inference needs no sharding); the answers are the same, sampled or greedy, whatever the number of
+    processes. vllm and openai get every prompt at once, on rank 0.
+    """
+    config, sampling = loop.config, loop.sampling()
+    if config.backend != "transformers":
+
+        def on_server() -> list[list[Answer]]:
+            with open_backend(loop, n, log) as backend:
+                return backend.generate(prompts, k, sampling, seed)
+
+        return loop.ranks.on_main(on_server)
+    size = config.generation_batch_size
+    batches = [prompts[start : start + size] for start in range(0, len(prompts), size)]
+    with open_backend(loop, n, log, model) as backend:
+        groups = loop.ranks.gather(
+            range(len(batches)),
+            lambda b: backend.generate(batches[b], k, sampling, seed + b * BATCH_SEED_STRIDE),
+        )
+    return [answers for group in groups for answers in group]
 
 
 def judge_stage(loop: Loop, n: int) -> None:
@@ -213,20 +256,37 @@ def train_stage(loop: Loop, n: int) -> None:
             {key: pair[key] for key in ("prompt", "chosen", "rejected")}
             for pair in read_jsonl(directory / "pairs.jsonl")
         ]
-        train(run_config, resume=True, console=loop.console, train_rows=rows)
+        with process_group_kept(loop.ranks):  # every rank trains, on the same rows
+            train(
+                run_config, resume=True, console=loop.console, train_rows=rows, distributed=loop.distributed
+            )
+        loop.ranks.barrier()  # rank 0 writes final/ last: the others load it next
     if loop.merges:
-        merged = load_adapter(str(final), load_model(start, trust_remote_code=config.train.trust_remote_code))
-        save_final(merged.merge_and_unload(), loop.tokenizer, directory / "policy")
+        loop.ranks.on_main(partial(merge_policy, loop, n))
 
 
-def evaluate_stage(loop: Loop, n: int) -> dict[str, Any]:
-    """Held-out evaluation of the policy after round n; writes round-n/eval_samples.jsonl, returns the record."""
-    config, directory = loop.config, loop.round_dir(n)
-    prompts = loop.eval_prompts
+def merge_policy(loop: Loop, n: int) -> None:
+    """Round n's adapter merged into round n's starting policy: round-n/policy."""
+    train = loop.config.train
+    start = load_model(loop.policy(n - 1), trust_remote_code=train.trust_remote_code)
+    merged = load_adapter(str(loop.round_dir(n) / "train" / "final"), start)
+    save_final(merged.merge_and_unload(), loop.tokenizer, loop.round_dir(n) / "policy")
+
+
+def evaluate_stage(loop: Loop, n: int) -> dict[str, Any] | None:
+    """Held-out evaluation of the policy after round n; writes round-n/eval_samples.jsonl, returns the record
+    (on rank 0; None on the other ranks, which only generate)."""
+    config = loop.config
     # transformers generates with the policy loaded here for the KL; another backend loads its own copy.
     policy = load_frozen(loop.policy(n), config.train) if config.backend == "transformers" else None
-    with open_backend(loop, n, directory / "server-evaluation.log", policy) as backend:
-        answers = [group[0] for group in backend.generate(prompts, 1, loop.sampling(), config.train.seed)]
+    log = loop.round_dir(n) / "server-evaluation.log"
+    groups = generate(loop, n, loop.eval_prompts, 1, config.train.seed, log, policy)
+    return loop.ranks.on_main(lambda: judge_held_out_answers(loop, n, [group[0] for group in groups], policy))
+
+
+def judge_held_out_answers(loop: Loop, n: int, answers: list[Answer], policy) -> dict[str, Any]:
+    """Judge score, win rate and KL of round n's held-out answers; writes eval_samples.jsonl."""
+    config, directory, prompts = loop.config, loop.round_dir(n), loop.eval_prompts
     if policy is None:
         policy = load_frozen(loop.policy(n), config.train)
     texts = [a.text for a in answers]
@@ -261,11 +321,60 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str =
     return changed
 
 
-def iterate(config: IterateConfig, resume: bool = False, console: Console | None = None) -> Path:
-    """Run (or, with resume, continue) the on-policy loop; returns the run directory."""
+def iterate(
+    config: IterateConfig,
+    resume: bool = False,
+    console: Console | None = None,
+    distributed: str | None = None,
+) -> Path:
+    """Run (or, with resume, continue) the on-policy loop; returns the run directory.
+
+    distributed: the engine every round trains with, as `dpokit train --distributed` takes it (a preset or
+    an accelerate config file); None: what the launcher set. Under a launcher call this on every rank.
+    """
     console = console or Console(stderr=True)
     run_dir = Path(config.output_dir)
     log = run_dir / "rounds.jsonl"
+    resolve_engine(distributed)  # a bad --distributed fails now, on every rank alike
+    ranks = start_ranks()
+    if not ranks.main:
+        console = Console(quiet=True)
+    ranks.on_main(partial(check_run_dir, config, resume))
+    # Bad prompt files, backends and judges fail now, not in round 1 (prompts and backend on every rank alike).
+    prompts, eval_prompts = read_prompts(config.prompts), read_prompts(config.eval_prompts)
+    check_backend(config)
+    judge = ranks.on_main(partial(open_run, config))
+    loop = Loop(config, run_dir, console, judge, prompts, eval_prompts, ranks, distributed)
+    records = read_jsonl(log) if log.exists() else []
+    for n in range(config.rounds + 1):
+        if n > 0:
+            directory = loop.round_dir(n)
+            directory.mkdir(exist_ok=True)
+            if not (directory / "generations.jsonl").exists():
+                generate_stage(loop, n)
+            if not (directory / "samples.jsonl").exists():
+                ranks.on_main(partial(judge_stage, loop, n))
+            if not (directory / "pairs.jsonl").exists():
+                ranks.on_main(partial(pair_stage, loop, n))
+            if not loop.trained(n):
+                train_stage(loop, n)
+        if n >= len(records):
+            records.append(evaluate_stage(loop, n))  # None on ranks other than 0
+            if ranks.main:
+                write_jsonl(log, records)
+                console.print(
+                    f"round {n}: "
+                    + ", ".join(f"{k}={_fmt(v)}" for k, v in records[-1].items() if k != "round")
+                )
+    if ranks.main:
+        console.print(rounds_table(records))
+    stop_ranks(ranks)
+    return run_dir
+
+
+def check_run_dir(config: IterateConfig, resume: bool) -> None:
+    """Refuse to start over a run, or to resume one whose settings changed."""
+    run_dir = Path(config.output_dir)
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise DpokitError(
             f"{run_dir}: already holds a run; pass --resume to continue it or choose another output_dir"
@@ -279,35 +388,15 @@ def iterate(config: IterateConfig, resume: bool = False, console: Console | None
                 f"{run_dir / 'config.yaml'}: cannot resume, {', '.join(changed)} changed since the run started "
                 "(finished rounds were made with the old values); restore them or use another output_dir"
             )
-    # Bad prompt files and judges fail now, not in round 1.
-    prompts, eval_prompts = read_prompts(config.prompts), read_prompts(config.eval_prompts)
-    check_backend(config)
-    loop = Loop(
-        config, run_dir, console, build_judge(config.judge, inference_device()), prompts, eval_prompts
-    )
+
+
+def open_run(config: IterateConfig) -> Judge:
+    """The judge (whose errors surface now, not in round 1); writes the run's config.yaml."""
+    judge = build_judge(config.judge, inference_device())
+    run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
-    records = read_jsonl(log) if log.exists() else []
-    for n in range(config.rounds + 1):
-        if n > 0:
-            directory = loop.round_dir(n)
-            directory.mkdir(exist_ok=True)
-            if not (directory / "generations.jsonl").exists():
-                generate_stage(loop, n)
-            if not (directory / "samples.jsonl").exists():
-                judge_stage(loop, n)
-            if not (directory / "pairs.jsonl").exists():
-                pair_stage(loop, n)
-            if not loop.trained(n):
-                train_stage(loop, n)
-        if n >= len(records):
-            records.append(evaluate_stage(loop, n))
-            write_jsonl(log, records)
-            console.print(
-                f"round {n}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in records[-1].items() if k != "round")
-            )
-    console.print(rounds_table(records))
-    return run_dir
+    return judge
 
 
 def _fmt(value: Any) -> str:
