@@ -48,7 +48,7 @@ def test_one_process_runs_everything_itself() -> None:
         ranks.on_main(bad)
 
 
-def write_config(directory: Path, model: Path, *, min_pairs: int = 1) -> Path:
+def write_config(directory: Path, model: Path, *, min_pairs: int = 1, reference: str = "initial") -> Path:
     (directory / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     (directory / "eval.txt").write_text("The sky is\nA delightful comedy\nMy dinner was\n")
     config = {
@@ -61,6 +61,7 @@ def write_config(directory: Path, model: Path, *, min_pairs: int = 1) -> Path:
         "judge": "length",
         "min_pairs": min_pairs,
         "hard_negative_fraction": 0.5,
+        "reference": reference,
         "output_dir": str(directory / "run"),
         "train": {
             "model": str(model),
@@ -116,19 +117,35 @@ def assert_same_rounds(got: Path, expected: Path) -> None:
                 assert a[key] == b[key], (a["round"], key)
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory, tiny_model_dir) -> Path:
-    directory = tmp_path_factory.mktemp("iterate-one-process")
-    run([sys.executable, "-m", "dpokit.cli", "iterate", str(write_config(directory, tiny_model_dir))])
+def one_process_run(directory: Path, model: Path, reference: str = "initial") -> Path:
+    run(
+        [
+            sys.executable,
+            "-m",
+            "dpokit.cli",
+            "iterate",
+            str(write_config(directory, model, reference=reference)),
+        ]
+    )
     return directory / "run"
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_dir) -> Path:
+    return one_process_run(tmp_path_factory.mktemp("iterate-one-process"), tiny_model_dir)
+
+
 @pytest.mark.slow
-def test_ddp_under_torchrun_equals_one_process(one_process, tiny_model_dir, tmp_path) -> None:
-    """Each process generates its batches (own seeds, so sampled answers match too); rank 0 judges, pairs
-    and writes; both train each round's pairs with DDP."""
-    run(torchrun(write_config(tmp_path, tiny_model_dir), "ddp"))
-    assert_same_rounds(tmp_path / "run", one_process)
+def test_ddp_under_torchrun_with_merged_references_equals_one_process(tiny_model_dir, tmp_path) -> None:
+    """Each process generates its batches (own seeds, so sampled answers match too); rank 0 judges, pairs,
+    merges each round's adapter into round-N/policy (reference: previous) and writes; both train each
+    round's pairs with DDP."""
+    for name in ("one", "ddp"):
+        (tmp_path / name).mkdir()
+    expected = one_process_run(tmp_path / "one", tiny_model_dir, reference="previous")
+    run(torchrun(write_config(tmp_path / "ddp", tiny_model_dir, reference="previous"), "ddp"))
+    assert (tmp_path / "ddp" / "run" / "round-2" / "policy" / "model.safetensors").exists()
+    assert_same_rounds(tmp_path / "ddp" / "run", expected)
 
 
 @pytest.mark.slow
