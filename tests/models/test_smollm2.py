@@ -42,10 +42,26 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_converted_model_matches_gguf_logits(converted: Path) -> None:
+def test_converted_model_equals_transformers_gguf_loader(converted: Path) -> None:
+    """dpokit's own one-pass conversion gives transformers' GGUF loader's weights bit for bit, its config,
+    and the same logits."""
     gguf = smollm2.gguf_path()
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    expected, got = reference.state_dict(), model.state_dict()
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+    # save_pretrained fills in `architectures`; the GGUF loader names the model after the file's label
+    ignored = {
+        "_name_or_path",
+        "_model_name_or_path",
+        "architectures",
+        "quantization_config",
+        "transformers_version",
+    }
+    assert {k: v for k, v in model.config.to_dict().items() if k not in ignored} == {
+        k: v for k, v in reference.config.to_dict().items() if k not in ignored
+    }
     tokenizer = AutoTokenizer.from_pretrained(converted)
     input_ids = tokenizer("The movie was", return_tensors="pt").input_ids  # (1, T)
     with torch.no_grad():
