@@ -86,11 +86,16 @@ def export_checkpoint(run_dir: Path, out: Path, merge: bool, name: str) -> Path:
     from dpokit.train.checkpoint import latest_checkpoint
     from dpokit.train.precision import resolve_precision
     from dpokit.train.run import load_policy
-    from dpokit.train.sharded_checkpoint import is_sharded_checkpoint, load_sharded_weights
+    from dpokit.train.sharded_checkpoint import is_sharded_checkpoint, load_sharded_weights, sharded_engine
 
     path = latest_checkpoint(run_dir) if name == "latest" else run_dir / "checkpoints" / name
     if path is None or not (path / "progress.json").exists():
         raise DpokitError(f"--checkpoint: {run_dir} has no complete checkpoint {name!r}")
+    if sharded_engine(path) == "zero3":
+        raise DpokitError(
+            f"--checkpoint: {path} holds DeepSpeed ZeRO-3 partitions, which export does not read; "
+            "export the run's final/ (gathered from them), or --resume the run to its end first"
+        )
     config = load_config(run_dir / "config.yaml")
     model = load_policy(config, resolve_precision(config.precision, torch.device("cpu")), torch.device("cpu"))
     if is_sharded_checkpoint(path):

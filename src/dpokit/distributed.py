@@ -1,13 +1,15 @@
-"""Scale-out: the engine a run trains with (one process, DDP or FSDP2), the presets shipped for it, and the
-few cross-process steps dpokit takes itself.
+"""Scale-out: the engine a run trains with (one process, DDP, FSDP2 or DeepSpeed ZeRO-3), the presets shipped
+for it, and the few cross-process steps dpokit takes itself.
 
 torchrun --nproc-per-node 8 -m dpokit.cli train my.yaml --distributed fsdp2
 accelerate launch --config_file "$(dpokit preset fsdp2)" -m dpokit.cli train my.yaml
+torchrun --nproc-per-node 8 -m dpokit.cli train my.yaml --distributed deepspeed-zero3   # pip install 'dpokit[deepspeed]'
 
 Processes are started by torchrun or `accelerate launch`; accelerate sets up the process group (NCCL on GPUs,
 gloo on CPU) and DDP. FSDP2 is PyTorch's `fully_shard`, applied here rather than by accelerate because
 accelerate 1.15 enables its FSDP path only on GPU backends (state.py), and dpokit's FSDP2 path must run, and
-be tested, on CPU with gloo as well.
+be tested, on CPU with gloo as well. ZeRO-3 is `deepspeed.initialize`, called here for the same reason, on
+the process group accelerate made.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ PRESET_DIR = Path(__file__).parent / "resources" / "accelerate"
 class Engine:
     """How the processes of a run share the work.
 
-    name: "single" (one process), "ddp" (a full replica per process, gradients all-reduced) or "fsdp2"
-    (weights, gradients and AdamW state sharded over processes).
+    name: "single" (one process), "ddp" (a full replica per process, gradients all-reduced), "fsdp2"
+    (weights, gradients and AdamW state sharded over processes by PyTorch) or "zero3" (the same sharding by
+    DeepSpeed ZeRO stage 3).
     offload: FSDP2 keeps the sharded weights, gradients and AdamW state in CPU memory.
     reshard_after_forward: FSDP2 frees each layer's gathered weights after its forward (gathered again for
     the backward): less memory, one more all-gather per layer.
@@ -44,7 +47,8 @@ class Engine:
 
     @property
     def sharded(self) -> bool:
-        return self.name == "fsdp2"
+        """Each process holds a shard of every weight: forward passes run on all processes together."""
+        return self.name in ("fsdp2", "zero3")
 
 
 def world_size() -> int:
@@ -63,10 +67,7 @@ def engine_from_accelerate_config(config: dict[str, Any], source: str) -> Engine
     """The engine an accelerate config file (a shipped preset or the user's own) describes."""
     kind = str(config.get("distributed_type", "NO")).upper()
     if kind == "DEEPSPEED":
-        raise DpokitError(
-            f"{source}: DeepSpeed is not supported by dpokit's training loop yet (its checkpoints and final "
-            "save do not gather ZeRO-3 partitions); use fsdp2, which shards the same state"
-        )
+        return zero3_engine(config.get("deepspeed_config") or {}, source)
     if kind == "FSDP":
         fsdp = config.get("fsdp_config") or {}
         if int(fsdp.get("fsdp_version", 1)) != 2:
@@ -88,7 +89,17 @@ def resolve_engine(distributed: str | None) -> Engine:
             raise DpokitError(f"--distributed: {path} does not exist")
         engine = engine_from_accelerate_config(yaml.safe_load(path.read_text()) or {}, str(path))
     elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        engine = engine_from_accelerate_config({"distributed_type": "DEEPSPEED"}, "accelerate launch")
+        deepspeed = {
+            "zero_stage": os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"),
+            "offload_optimizer_device": os.environ.get(
+                "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none"
+            ),
+            "offload_param_device": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none"),
+            "deepspeed_config_file": os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"),
+        }
+        engine = engine_from_accelerate_config(
+            {"distributed_type": "DEEPSPEED", "deepspeed_config": deepspeed}, "accelerate launch"
+        )
     elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         fsdp = {
             "fsdp_version": os.environ.get("FSDP_VERSION", "1"),
@@ -102,9 +113,10 @@ def resolve_engine(distributed: str | None) -> Engine:
     else:
         engine = Engine("ddp" if world_size() > 1 else "single")
     if engine.sharded and "LOCAL_RANK" not in os.environ:
+        flag = "fsdp2" if engine.name == "fsdp2" else "deepspeed-zero3"
         raise DpokitError(
-            "--distributed: fsdp2 needs a launcher, even for one process: "
-            "torchrun --nproc-per-node N -m dpokit.cli train ... --distributed fsdp2"
+            f"--distributed: {flag} needs a launcher, even for one process: "
+            f"torchrun --nproc-per-node N -m dpokit.cli train ... --distributed {flag}"
         )
     if engine.name == "single" and world_size() > 1:
         raise DpokitError(
@@ -112,6 +124,36 @@ def resolve_engine(distributed: str | None) -> Engine:
             "use ddp or fsdp2"
         )
     return engine
+
+
+def zero3_engine(deepspeed: dict[str, Any], source: str) -> Engine:
+    """The engine an accelerate `deepspeed_config` block describes: ZeRO stage 3 without offload, the one
+    DeepSpeed configuration dpokit runs and tests."""
+    if deepspeed.get("deepspeed_config_file"):
+        raise DpokitError(
+            f"{source}: deepspeed_config.deepspeed_config_file is not read by dpokit; use the zero_stage form"
+        )
+    if str(deepspeed.get("zero_stage", 2)) != "3":
+        raise DpokitError(
+            f"{source}: deepspeed_config.zero_stage must be 3 (dpokit runs DeepSpeed ZeRO-3 only)"
+        )
+    offloaded = [
+        key
+        for key in ("offload_optimizer_device", "offload_param_device")
+        if str(deepspeed.get(key, "none")).lower() != "none"
+    ]
+    if offloaded:
+        raise DpokitError(
+            f"{source}: deepspeed_config.{offloaded[0]} must be none (dpokit does not run ZeRO offload; "
+            "fsdp2-offload keeps shards in CPU memory)"
+        )
+    try:
+        import deepspeed as _  # noqa: F401
+    except ImportError:
+        raise DpokitError(
+            f"{source}: DeepSpeed ZeRO-3 needs the deepspeed package: pip install 'dpokit[deepspeed]'"
+        ) from None
+    return Engine("zero3")
 
 
 def make_accelerator(**kwargs: Any) -> Accelerator:
@@ -174,7 +216,47 @@ def clip_grad_norm(accelerator: Accelerator, model: torch.nn.Module, params: lis
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's weights gathered from every process's shards onto rank 0's CPU (other ranks get an
-    empty dict). A collective: every process must call it."""
+    empty dict or None). A collective: every process must call it."""
+    if hasattr(model, "_zero3_consolidated_16bit_state_dict"):  # a DeepSpeed engine
+        # Despite its name it keeps the weights' own dtype; it gathers one layer at a time onto rank 0, as
+        # accelerate's and transformers' own ZeRO-3 saves do.
+        return model._zero3_consolidated_16bit_state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def zero3_initialize(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Partition `model` and `optimizer`'s state over the processes with DeepSpeed ZeRO-3; returns DeepSpeed's
+    engine (the model to call) and its ZeRO optimizer. `optimizer` (torch's AdamW) still does the update, on
+    each process's float32 partition, so the scheduler built on it keeps setting its learning rate.
+
+    dpokit owns the step: `managed_gradient_accumulation: false` lets each optimizer step take as many
+    micro-batches as it has (one `backward` each, gradients reduce-scattered into the partitions as they
+    come), and `zero3_step` ends it. The batch sizes DeepSpeed requires are placeholders it never uses then.
+    """
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": max_grad_norm,
+        # Every weight partitioned (DeepSpeed's default keeps those under 1e5 elements whole on every
+        # process), as FSDP2 shards every weight: tiny test models then take the same gather path as large ones.
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW: the update every other engine runs
+        "steps_per_print": 2**62,  # dpokit logs its own metrics
+    }
+    engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine, zero_optimizer
+
+
+def zero3_step(engine: torch.nn.Module) -> float:
+    """End a ZeRO-3 optimizer step: clip to `gradient_clipping`, step AdamW on each partition, zero the
+    gradients; returns the global gradient norm before clipping. DeepSpeed skips the update itself when that
+    norm is NaN or infinite (and returns it), so the weights are untouched by a non-finite step."""
+    engine.step()
+    return float(engine.get_global_grad_norm())

@@ -48,6 +48,34 @@ def test_accelerate_launch_environment_picks_fsdp2(monkeypatch):
     assert resolve_engine(None) == Engine("fsdp2")
 
 
+def test_deepspeed_preset_is_zero3(monkeypatch):
+    pytest.importorskip("deepspeed")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_engine("deepspeed-zero3") == Engine("zero3")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert resolve_engine(None) == Engine("zero3"), "accelerate launch with the preset"
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(DpokitError, match="deepspeed-zero3 needs a launcher"):
+        resolve_engine("deepspeed-zero3")
+
+
+@pytest.mark.parametrize(
+    ("deepspeed", "message"),
+    [
+        ({"zero_stage": 2}, "zero_stage must be 3"),
+        ({"zero_stage": 3, "offload_optimizer_device": "cpu"}, "offload_optimizer_device must be none"),
+        ({"zero_stage": 3, "deepspeed_config_file": "ds.json"}, "deepspeed_config_file is not read"),
+    ],
+)
+def test_deepspeed_configs_dpokit_does_not_run_are_refused_in_one_line(tmp_path, deepspeed, message):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"distributed_type": "DEEPSPEED", "deepspeed_config": deepspeed}))
+    with pytest.raises(DpokitError, match=message) as error:
+        resolve_engine(str(path))
+    assert "\n" not in str(error.value)
+
+
 def test_one_process_without_a_launcher_is_single():
     assert resolve_engine(None) == Engine("single")
     assert resolve_engine("single") == Engine("single")
@@ -58,7 +86,6 @@ def test_one_process_without_a_launcher_is_single():
     [
         ("zero9", {}, "unknown preset 'zero9'"),
         ("missing.yaml", {}, "missing.yaml does not exist"),
-        ("deepspeed-zero3", {}, "DeepSpeed is not supported"),
         ("fsdp2", {}, "fsdp2 needs a launcher"),
         ("single", {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "'single' runs one process"),
         (

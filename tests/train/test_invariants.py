@@ -201,18 +201,18 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(
     real_save = checkpoint_module.save_file
     count = {"n": 0}
 
-    def dying_save(tensors, path):
+    def dying_save(tensors, path, metadata=None):
         count["n"] += 1
         if count["n"] == 5:  # second checkpoint: trainable(4), optimizer(5) -> dies half-way through
             raise KeyboardInterrupt("killed while saving")
-        real_save(tensors, path)
+        real_save(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(checkpoint_module, "save_file", dying_save)
     with pytest.raises(KeyboardInterrupt):
         train(config)
     latest = checkpoint_module.latest_checkpoint(Path(config.output_dir))
     assert latest.name == "step-000002"
-    assert {"trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "progress.json"} <= {
+    assert {"trainable.safetensors", "optimizer.safetensors", "rng-rank0.safetensors", "progress.json"} <= {
         p.name for p in latest.iterdir()
     }
     assert json.loads((latest / "progress.json").read_text())["step"] == 2

@@ -32,7 +32,9 @@ def repetition(token_ids: Sequence[int], n: int = REPETITION_N) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: DeepSpeed ZeRO-3 gathers and re-partitions weights inside the call, and a weight
+# whose data was made under inference_mode can never be trained again (peft's requires_grad_ fails on it).
+@torch.no_grad()
 def reference_perplexity(
     model: PreTrainedModel, prompt_ids: Sequence[int], answer_ids: Sequence[int]
 ) -> float:

@@ -113,10 +113,13 @@ def chunked_token_logps(
     """log p(target | hidden) per token through the output layer `head`: hidden (N, H), targets (N,) -> (N,) float32.
 
     A plain ``nn.Linear`` head uses :class:`ChunkedLinearLogps`. Any other head (e.g. a peft LoRA layer on
-    lm_head) is called on each chunk under activation checkpointing, which recomputes the chunk in backward:
+    lm_head, or a head partitioned by DeepSpeed ZeRO-3) is called on each chunk under activation checkpointing, which recomputes the chunk in backward:
     the same memory bound, with autograd doing the backward.
     """
-    if type(head) is torch.nn.Linear:
+    # A DeepSpeed ZeRO-3 weight (`ds_id`) is whole only while its module runs (DeepSpeed's hooks gather it):
+    # such a head is called as a module, like any other.
+    zero3 = hasattr(head.weight, "ds_id")
+    if type(head) is torch.nn.Linear and not zero3:
         return ChunkedLinearLogps.apply(hidden, head.weight, head.bias, targets, chunk_size)
     if not torch.is_grad_enabled():
         return torch.cat(
@@ -124,7 +127,9 @@ def chunked_token_logps(
         )
     return torch.cat(
         [
-            checkpoint(_module_logps, head, h, t, use_reentrant=False)
+            # The reentrant recompute reruns the head's module hooks as its first forward did; the other one
+            # left a frozen ZeRO-3 head partitioned (torch's CheckpointError: recomputed shape [0]).
+            checkpoint(_module_logps, head, h, t, use_reentrant=zero3)
             for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size))
         ]
     )

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from dpokit.atomic import publish_dir, write_atomic
 from dpokit.errors import DpokitError
+from dpokit.train.rng import RngState, restore_rng, rng_file, rng_state
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -43,24 +44,6 @@ def _load_optimizer(
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    """The CPU generator's state, plus each CUDA device's as ``cuda.<index>`` when CUDA is present."""
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors |= {f"cuda.{index}": state for index, state in enumerate(torch.cuda.get_rng_state_all())}
-    return tensors
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
-    """Restore the saved generator states; a checkpoint moved to a machine with fewer, more or no GPUs
-    restores the devices both machines have and leaves the others as they are."""
-    torch.set_rng_state(tensors["torch"])
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            if f"cuda.{index}" in tensors:
-                torch.cuda.set_rng_state(tensors[f"cuda.{index}"], index)
-
-
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -68,8 +51,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     progress: dict[str, Any],
     keep: int,
+    rng_states: list[RngState] | None = None,
 ) -> Path:
     """Write checkpoints/step-N, point `latest` at it, then prune all but the `keep` newest; returns step-N.
+
+    rng_states: every process's generator states (`rng_state()`, gathered), in process order; None: this
+    process's alone (a one-process run).
 
     Order matters: the new checkpoint is complete and durable (fsynced) under its final name before
     `latest` moves, and `latest` moves before anything is deleted, so a kill at any line leaves `latest`
@@ -87,7 +74,8 @@ def save_checkpoint(
         save_file(trainable_state(model), str(partial / "trainable.safetensors"))
         tensors, meta = _optimizer_tensors(optimizer)
         save_file(tensors, str(partial / "optimizer.safetensors"))
-        save_file(_rng_tensors(), str(partial / "rng.safetensors"))
+        for rank, (tensors, metadata) in enumerate(rng_states or [rng_state()]):
+            save_file(tensors, str(rng_file(partial, rank)), metadata=metadata)
         (partial / "progress.json").write_text(json.dumps({**progress, "step": step, "optimizer": meta}))
         publish_dir(partial, final)
     write_atomic(root / "latest", final.name)
@@ -118,8 +106,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore trainable weights, optimizer and RNG state from `path`; returns the saved progress."""
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0
+) -> dict[str, Any]:
+    """Restore trainable weights, optimizer and process `rank`'s RNG state from `path`; returns the saved
+    progress."""
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = set(weights) ^ {n for n, p in params.items() if p.requires_grad}
@@ -130,5 +121,5 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             params[name].copy_(value)
     progress = json.loads((path / "progress.json").read_text())
     _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), progress["optimizer"])
-    _restore_rng(load_file(str(path / "rng.safetensors")))
+    restore_rng(rng_file(path, rank))
     return progress

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import signal
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate.utils import gather_object
 from rich.console import Console
 from tqdm import tqdm
 
@@ -31,11 +34,16 @@ from dpokit.train.hooks import RunHooks
 from dpokit.train.metrics import MetricsLog, cut_jsonl
 from dpokit.train.output import save_final
 from dpokit.train.reference_pass import reference_pass
+from dpokit.train.rng import rng_state
 from dpokit.train.run import Run, identity_changes, setup_optimizer, setup_run
 from dpokit.train.sharded_checkpoint import (
-    is_sharded_checkpoint,
     load_sharded_checkpoint,
+    read_dcp,
+    read_zero3,
     save_sharded_checkpoint,
+    sharded_engine,
+    write_dcp,
+    write_zero3,
 )
 from dpokit.train.step import train_step
 
@@ -65,8 +73,8 @@ def train(
     resume: continue from the run's latest checkpoint (from the start when it has none yet).
     train_rows / eval_rows: preference rows held in memory instead of the config's data files.
     force_resume: resume even though the data or a setting that decides the steps changed.
-    distributed: a preset (single, ddp, fsdp2, fsdp2-offload) or an accelerate config file; None: what the
-    launcher set (see dpokit.distributed).
+    distributed: a preset (single, ddp, fsdp2, fsdp2-offload, deepspeed-zero3) or an accelerate config
+    file; None: what the launcher set (see dpokit.distributed).
     """
     console = console or Console(stderr=True)
     run_dir = Path(config.output_dir)
@@ -95,13 +103,16 @@ def restore(run: Run, checkpoint: Path, force: bool) -> int:
     Refuses when the data or a setting that decides which pairs each step sees changed since the checkpoint
     was written, unless `force`.
     """
-    if is_sharded_checkpoint(checkpoint) != run.sharded:
-        written = "sharded (fsdp2)" if is_sharded_checkpoint(checkpoint) else "unsharded (single, ddp)"
-        raise DpokitError(f"{checkpoint}: an {written} checkpoint; resume it with the engine that wrote it")
+    written = sharded_engine(checkpoint)
+    if written != (run.engine.name if run.sharded else None):
+        kind = {"fsdp2": "sharded (fsdp2)", "zero3": "sharded (deepspeed-zero3)"}.get(
+            written, "unsharded (single, ddp)"
+        )
+        raise DpokitError(f"{checkpoint}: a {kind} checkpoint; resume it with the engine that wrote it")
     if run.sharded:
-        progress = load_sharded_checkpoint(run.accelerator, checkpoint, run.policy, run.optimizer)
+        progress = load_sharded_checkpoint(run.accelerator, checkpoint, shard_io(run, read=True))
     else:
-        progress = load_checkpoint(checkpoint, run.model, run.optimizer)
+        progress = load_checkpoint(checkpoint, run.model, run.optimizer, run.accelerator.process_index)
     changes = identity_changes(progress.get("identity", {}), run.identity())
     if changes and not force:
         raise DpokitError(
@@ -170,17 +181,26 @@ def evaluate(run: Run, step: int, log: MetricsLog, hooks: RunHooks) -> None:
     hooks.on_record(record)
 
 
+def shard_io(run: Run, read: bool) -> Callable[[Path], None]:
+    """What writes (or reads) this process's shards of a sharded checkpoint, for the run's engine."""
+    if run.engine.name == "zero3":
+        return partial(read_zero3 if read else write_zero3, run.policy)
+    return partial(read_dcp if read else write_dcp, run.policy, run.optimizer)
+
+
 def save(run: Run, step: int) -> None:
-    """Checkpoint `step`: trainable weights, optimizer, RNG, fp16's loss scale and the run's identity; by the
-    main process, or under FSDP2 by every process, each writing its shards."""
+    """Checkpoint `step`: trainable weights, optimizer, every process's RNG, fp16's loss scale and the run's
+    identity; by the main process, or under FSDP2 and ZeRO-3 by every process, each writing its shards."""
     progress = {"seed": run.config.seed, "total_steps": run.total_steps, "identity": run.identity()}
     if run.scaler is not None:
         progress["scaler"] = run.scaler.state_dict()  # plain numbers: scale, growth tracker, factors
     keep = run.config.keep_checkpoints
     if run.sharded:
-        save_sharded_checkpoint(run.accelerator, run.run_dir, step, run.policy, run.optimizer, progress, keep)
-    elif run.accelerator.is_main_process:
-        save_checkpoint(run.run_dir, step, run.model, run.optimizer, progress, keep)
+        save_sharded_checkpoint(run.accelerator, run.run_dir, step, shard_io(run, read=False), progress, keep)
+        return
+    rng_states = gather_object([rng_state()])  # every process's, in process order (a collective)
+    if run.accelerator.is_main_process:
+        save_checkpoint(run.run_dir, step, run.model, run.optimizer, progress, keep, rng_states)
 
 
 def run_steps(run: Run, start_step: int, log: MetricsLog, hooks: RunHooks) -> None:

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmu
 from dpokit.config import RunConfig
 from dpokit.data.prepare import Rows, load_pairs, split_pairs, subset
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.distributed import Engine, make_accelerator, resolve_engine, shard_model
+from dpokit.distributed import Engine, make_accelerator, resolve_engine, shard_model, zero3_initialize
 from dpokit.errors import DpokitError
 from dpokit.logprobs import LogpsFn, PairLogps
 from dpokit.losses import LOSSES, LossFn, LossParams
@@ -80,8 +80,8 @@ class Run:
 
     @property
     def sharded(self) -> bool:
-        """FSDP2: each process holds a shard of the weights, so every forward pass (training, evaluation,
-        samples) runs on all processes together, and checkpoints are written by all of them."""
+        """FSDP2 or ZeRO-3: each process holds a shard of the weights, so every forward pass (training,
+        evaluation, samples) runs on all processes together, and checkpoints are written by all of them."""
         return self.engine.sharded
 
     @property
@@ -211,7 +211,13 @@ def setup_run(
         )
     if engine.sharded and precision.name == "fp16-mixed":
         raise DpokitError(
-            "precision: fp16-mixed under fsdp2 would need a sharded gradient scaler; use bf16-mixed or fp32"
+            f"precision: fp16-mixed under {engine.name} would need a sharded gradient scaler; use bf16-mixed or fp32"
+        )
+    separate_reference = config.reference_model is not None or not config.use_lora
+    if engine.name == "zero3" and config.resolved_reference_mode == "live" and separate_reference:
+        raise DpokitError(
+            "reference_mode: live under deepspeed-zero3 would need a second ZeRO-3 engine for the frozen "
+            "reference; use reference_mode=precompute (or LoRA with its adapter-disabled base as the reference)"
         )
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     data = prepare_datasets(config, tokenizer, train_rows, eval_rows)
@@ -255,7 +261,7 @@ def setup_optimizer(run: Run) -> None:
         )
     run.steps_per_epoch = len(run.data.train) // run.pairs_per_step
     run.total_steps = config.max_steps or run.steps_per_epoch * config.num_epochs
-    if run.sharded:  # shard before AdamW is built, so its state is created as shards too
+    if run.engine.name == "fsdp2":  # shard before AdamW is built, so its state is created as shards too
         compute_dtype = run.precision.compute_dtype if run.precision.mixed else None
         shard_model(run.policy, run.engine, compute_dtype)
         if run.reference is not None:  # live mode's frozen reference: sharded too, never given to AdamW
@@ -267,7 +273,10 @@ def setup_optimizer(run: Run) -> None:
     warmup = math.ceil(config.warmup_ratio * run.total_steps)
     run.scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, run.total_steps)
     run.scaler = run.precision.grad_scaler()
-    if run.sharded:
+    if run.engine.name == "zero3":
+        # After the schedule: DeepSpeed steps the AdamW it wraps, whose learning rate the schedule sets.
+        run.policy, run.optimizer = zero3_initialize(run.policy, optimizer, config.max_grad_norm)
+    elif run.sharded:
         run.optimizer = optimizer
     else:
         run.policy, run.optimizer = accelerator.prepare(run.policy, optimizer)

@@ -1,5 +1,5 @@
-"""Sharded checkpoints under FSDP2, through torch.distributed.checkpoint (DCP), as atomic as the single-process
-ones (train/checkpoint.py).
+"""Sharded checkpoints, as atomic as the single-process ones (train/checkpoint.py): under FSDP2 through
+torch.distributed.checkpoint (DCP), under DeepSpeed ZeRO-3 through DeepSpeed's own `save_checkpoint`.
 
 Every process writes its shards of the trainable weights and AdamW state, and its RNG state, into the same
 `.partial-step-N` directory; once all have finished, rank 0 writes progress.json, fsyncs the tree, renames it
@@ -7,29 +7,43 @@ to step-N, moves `latest` and prunes. `latest` therefore always names a checkpoi
 The run directory must be on a file system all processes see (one machine, or a shared one across nodes).
 
 Resume needs the same number of processes: DCP could reshard to another number, but dpokit does not test
-that, so it refuses with the number to use. `dpokit export` reads a sharded checkpoint in one process.
+that, so it refuses with the number to use. `dpokit export` reads an FSDP2 checkpoint in one process.
+DeepSpeed's files are its own (torch.save, read back only by `load_checkpoint` on resume); a ZeRO-3 run's
+final/ is the gathered model.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from dpokit.atomic import publish_dir, write_atomic
 from dpokit.errors import DpokitError
-from dpokit.train.checkpoint import _prune, _restore_rng, _rng_tensors
+from dpokit.train.checkpoint import _prune
+from dpokit.train.rng import restore_rng, rng_file, rng_state
+
+ShardIO = Callable[[Path], None]  # writes or reads this process's shards in a checkpoint directory
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
+    """An FSDP2 (DCP) checkpoint."""
     return (path / ".metadata").exists()
+
+
+def sharded_engine(path: Path) -> str | None:
+    """The engine whose shards a checkpoint holds: fsdp2 (DCP), zero3 (DeepSpeed), None (unsharded)."""
+    if is_sharded_checkpoint(path):
+        return "fsdp2"
+    return "zero3" if any(path.glob("zero_pp_rank_*")) else None
 
 
 def trainable_weights(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
@@ -44,17 +58,44 @@ def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return {"model": trainable_weights(model, weights), "optimizer": optimizer_state}
 
 
+def write_dcp(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    dcp.save(_sharded_state(model, optimizer), checkpoint_id=directory)
+
+
+def read_dcp(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    state = _sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=directory)
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(strict=False),  # the frozen weights come from the model files, not here
+    )
+
+
+def write_zero3(engine: torch.nn.Module, directory: Path) -> None:
+    """DeepSpeed's ZeRO-3 checkpoint: this process's float32 weight and AdamW partitions (and rank 0's model
+    file, whose partitioned weights are placeholders), in `directory` itself (DeepSpeed's tag)."""
+    engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+
+
+def read_zero3(engine: torch.nn.Module, directory: Path) -> None:
+    # The schedule is dpokit's (stepped to the checkpoint's step by the loop), not DeepSpeed's.
+    engine.load_checkpoint(str(directory.parent), tag=directory.name, load_lr_scheduler_states=False)
+
+
 def save_sharded_checkpoint(
     accelerator: Accelerator,
     run_dir: Path,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    write_shards: ShardIO,
     progress: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write checkpoints/step-N from every process's shards, point `latest` at it, prune; returns step-N.
-    A collective: every process calls it. An existing step-N is never rewritten (see `save_checkpoint`)."""
+    """Write checkpoints/step-N from every process's shards (`write_shards(partial_dir)`: `write_dcp` or
+    `write_zero3` with their model bound), point `latest` at it, prune; returns step-N. A collective: every
+    process calls it. An existing step-N is never rewritten (see `save_checkpoint`)."""
     root = run_dir / "checkpoints"
     final = root / f"step-{step:06d}"
     main = accelerator.is_main_process
@@ -64,8 +105,9 @@ def save_sharded_checkpoint(
             shutil.rmtree(partial, ignore_errors=True)  # left by a kill during an earlier save of this step
             partial.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        dcp.save(_sharded_state(model, optimizer), checkpoint_id=partial)
-        save_file(_rng_tensors(), str(partial / f"rng-rank{accelerator.process_index}.safetensors"))
+        write_shards(partial)
+        rng, metadata = rng_state()
+        save_file(rng, str(rng_file(partial, accelerator.process_index)), metadata=metadata)
         accelerator.wait_for_everyone()  # every shard is written before rank 0 publishes the directory
         if main:
             record = {**progress, "step": step, "num_processes": accelerator.num_processes}
@@ -78,10 +120,9 @@ def save_sharded_checkpoint(
     return final
 
 
-def load_sharded_checkpoint(
-    accelerator: Accelerator, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    """Restore this process's shards of weights and AdamW state, and its RNG state; returns the progress."""
+def load_sharded_checkpoint(accelerator: Accelerator, path: Path, read_shards: ShardIO) -> dict[str, Any]:
+    """Restore this process's shards of weights and AdamW state (`read_shards(path)`: `read_dcp` or
+    `read_zero3`), and its RNG state; returns the progress."""
     progress = json.loads((path / "progress.json").read_text())
     saved = progress["num_processes"]
     if saved != accelerator.num_processes:
@@ -89,16 +130,8 @@ def load_sharded_checkpoint(
             f"{path}: written by {saved} processes, this run has {accelerator.num_processes}; resume with "
             f"{saved} (resharding a checkpoint is not supported yet; `dpokit export` reads it in one process)"
         )
-    state = _sharded_state(model, optimizer)
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optimizer"],
-        options=StateDictOptions(strict=False),  # the frozen weights come from the model files, not here
-    )
-    _restore_rng(load_file(str(path / f"rng-rank{accelerator.process_index}.safetensors")))
+    read_shards(path)
+    restore_rng(rng_file(path, accelerator.process_index))
     return progress
 
 

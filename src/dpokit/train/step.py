@@ -11,7 +11,7 @@ from contextlib import nullcontext
 from typing import Any
 
 from dpokit.data.batching import token_batches
-from dpokit.distributed import clip_grad_norm
+from dpokit.distributed import clip_grad_norm, zero3_step
 from dpokit.errors import DpokitError
 from dpokit.logprobs import PairLogps, select
 from dpokit.losses import chosen_nll
@@ -51,22 +51,35 @@ def reference_logps(run: Run, micro: list[int], policy_logps: PairLogps) -> Pair
     return PairLogps(*(t.to(device, non_blocking=True) for t in vars(ref).values()))
 
 
+def check_finite(record: dict[str, Any], step: int) -> None:
+    """Raise `NonFiniteStep` when a number of the step's record is NaN or infinite."""
+    bad = [name for name, value in record.items() if isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        raise NonFiniteStep(
+            f"step {step + 1}: non-finite {', '.join(bad)} (loss {record['loss']}, grad_norm {record.get('grad_norm')}); "
+            "stopped before the optimizer step. Lower learning_rate or raise beta; the last good checkpoint is kept"
+        )
+
+
 def train_step(run: Run, step: int) -> dict[str, Any]:
     """Run optimizer step `step` (0-based) and return its metrics record (step numbered from 1).
 
     Each pair weighs 1/pairs_per_step in the gradient whatever the micro-batching and the number of
-    processes (DDP and FSDP2 average over processes, hence the scale). A non-finite loss, metric or gradient norm
+    processes (DDP, FSDP2 and ZeRO-3 average over processes, hence the scale). A non-finite loss, metric or gradient norm
     raises `NonFiniteStep` before the optimizer touches the weights.
 
     The forward runs under the run's precision (`run.logps_fn` autocasts). Under fp16-mixed the loss is
     scaled before backward and the gradients unscaled before clipping; an infinite gradient norm there is
     the scaler's overflow signal, not a fault: the scaler skips the optimizer step and lowers its scale,
     and the record says `skipped: 1.0` in place of `grad_norm`. The loss and metrics are checked as always.
+    Under ZeRO-3 DeepSpeed computes the gradient norm inside its step, and skips that step when the norm is
+    not finite: the loss and metrics are checked before it, the norm after it, the weights untouched either way.
     """
     started = time.perf_counter()
     config, accelerator = run.config, run.accelerator
     local_scale = accelerator.num_processes / run.pairs_per_step
     stats = PairStats()
+    zero3 = run.engine.name == "zero3"
     batches = micro_batches(run, step)
     for number, micro in enumerate(batches):
         # FSDP2 reduce-scatters every micro-batch's gradients into the shards: skipping it would hold whole
@@ -78,7 +91,12 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
             losses, chosen_rewards, rejected_rewards = run.loss_fn(out, ref, run.params)
             total = losses + config.nll_alpha * chosen_nll(out) if config.nll_alpha else losses
             loss = total.sum() * local_scale
-            accelerator.backward(run.scaler.scale(loss) if run.scaler else loss)
+            if zero3:
+                run.policy.backward(
+                    loss
+                )  # DeepSpeed's hooks reduce-scatter the gradients into the partitions
+            else:
+                accelerator.backward(run.scaler.scale(loss) if run.scaler else loss)
             stats.add(losses, chosen_rewards, rejected_rewards, out, ref)
     if run.scaler:
         run.scaler.unscale_(run.optimizer)  # clip and report the true gradients
@@ -87,24 +105,23 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         "step": step + 1,
         "epoch": (step + 1) / run.steps_per_epoch,
         **stats.means(accelerator.reduce(stats.totals(), "sum")),
-        "grad_norm": clip_grad_norm(accelerator, run.policy, run.trainable, config.max_grad_norm),
     }
+    if not zero3:  # DeepSpeed clips inside its step (below)
+        record["grad_norm"] = clip_grad_norm(accelerator, run.policy, run.trainable, config.max_grad_norm)
     if run.scaler and not math.isfinite(record["grad_norm"]):
         del record["grad_norm"]
         record["skipped"] = 1.0
-    bad = [name for name, value in record.items() if isinstance(value, float) and not math.isfinite(value)]
-    if bad:
-        raise NonFiniteStep(
-            f"step {step + 1}: non-finite {', '.join(bad)} (loss {record['loss']}, grad_norm {record.get('grad_norm')}); "
-            "stopped before the optimizer step. Lower learning_rate or raise beta; the last good checkpoint is kept"
-        )
+    check_finite(record, step)
     record["lr"] = run.scheduler.get_last_lr()[0]
-    if run.scaler:
+    if zero3:
+        record["grad_norm"] = zero3_step(run.policy)  # skips the update itself when the norm is not finite
+        check_finite(record, step)
+    elif run.scaler:
         run.scaler.step(run.optimizer)  # skips the step when the unscaled gradients hold an inf or NaN
         run.scaler.update()
     else:
         run.optimizer.step()
     run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad(set_to_none=True)  # DeepSpeed's step has already zeroed its partitions: harmless
     record["pairs_per_s"] = run.pairs_per_step / (time.perf_counter() - started)
     return record

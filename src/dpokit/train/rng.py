@@ -1,0 +1,55 @@
+"""Every process's random number generators in a checkpoint, so that a resumed run draws on each process
+what the uninterrupted run would have drawn there (LoRA and attention dropout, sampling).
+
+Each process's state goes to its own `rng-rank<N>.safetensors`: torch's CPU generator, each CUDA device's,
+and Python's and NumPy's global generators (tensors, with the few scalars in the file's metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, safe_open
+
+RngState = tuple[dict[str, torch.Tensor], dict[str, str]]  # tensors, and scalars as string metadata
+
+
+def rng_file(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / f"rng-rank{rank}.safetensors"
+
+
+def rng_state() -> RngState:
+    """This process's generator states: tensors, and the scalars that go with them as string metadata
+    (`save_file(tensors, rng_file(...), metadata=metadata)`)."""
+    version, python_state, gauss = random.getstate()
+    kind, numpy_state, position, has_gauss, cached_gauss = np.random.get_state()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(python_state, dtype=torch.int64),  # 625 unsigned 32-bit words
+        "numpy": torch.from_numpy(numpy_state.astype(np.int64)),  # (624,) unsigned 32-bit words
+    }
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{index}": state for index, state in enumerate(torch.cuda.get_rng_state_all())}
+    scalars = {"python": [version, gauss], "numpy": [kind, position, has_gauss, cached_gauss]}
+    return tensors, {"scalars": json.dumps(scalars)}
+
+
+def restore_rng(path: Path) -> None:
+    """Restore the generator states saved in `path`; a checkpoint moved to a machine with fewer, more or no
+    GPUs restores the devices both machines have and leaves the others as they are."""
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as handle:
+        scalars = json.loads(handle.metadata()["scalars"])
+    torch.set_rng_state(tensors["torch"])
+    version, gauss = scalars["python"]
+    random.setstate((version, tuple(tensors["python"].tolist()), gauss))
+    kind, position, has_gauss, cached_gauss = scalars["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            if f"cuda.{index}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"cuda.{index}"], index)

@@ -1,0 +1,128 @@
+"""DeepSpeed ZeRO-3 over gloo on CPU, 2 processes: weights, gradients and AdamW state partitioned by DeepSpeed,
+the same run as 1 process; its checkpoints resume after a kill, refuse another process count, and final/ is
+the gathered model, loadable by transformers. Skipped where deepspeed is not installed (`dpokit[deepspeed]`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from launching import (
+    accelerate_launch,
+    assert_same_training,
+    kill_after_first_checkpoint,
+    records,
+    run,
+    settings,
+    single,
+    torchrun,
+)
+from safetensors.torch import load_file
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+pytest.importorskip("deepspeed")
+
+ZERO3 = "deepspeed-zero3"
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, tiny_model_dir, pairs_file) -> Path:
+    out = tmp_path_factory.mktemp("zero3") / "run"
+    run(torchrun(2, settings(tiny_model_dir, pairs_file, out), ZERO3), out)
+    return out
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_equal_one(zero3_run, one_process):
+    """Each process holds half of every weight (none is kept whole: persistence threshold 0) and of AdamW's
+    state; the losses, held-out evaluations, greedy samples and final weights equal the 1-process run's."""
+    assert_same_training(zero3_run, one_process)
+    assert [r["step"] for r in records(zero3_run) if r["split"] == "eval"] == [0, 4]
+    samples = [json.loads(line) for line in (zero3_run / "samples.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (one_process / "samples.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["text"]) for s in samples] == [(s["step"], s["text"]) for s in expected]
+    checkpoint = zero3_run / "checkpoints" / "step-000004"
+    partitions = sorted(p.name for p in checkpoint.glob("zero_pp_rank_*_optim_states.pt"))
+    assert len(partitions) == 2, partitions
+    assert sorted(p.name for p in checkpoint.glob("rng-rank*")) == [
+        "rng-rank0.safetensors",
+        "rng-rank1.safetensors",
+    ]
+    assert json.loads((checkpoint / "progress.json").read_text())["num_processes"] == 2
+
+
+@pytest.mark.slow
+def test_zero3_final_is_the_gathered_model_loadable_by_transformers(
+    zero3_run, one_process, tiny_model_dir, tmp_path
+):
+    """final/ holds every weight whole, gathered from the partitions: transformers loads it, and its weights
+    are the 1-process run's trained ones (not the starting model's). `export --checkpoint` does not read
+    DeepSpeed's partitions and says so in one line."""
+    loaded = AutoModelForCausalLM.from_pretrained(zero3_run / "final").state_dict()
+    trained = load_file(str(one_process / "final" / "model.safetensors"))
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert trained.keys() == loaded.keys()
+    for name, value in trained.items():
+        assert_close(loaded[name], value, atol=1e-6, rtol=0)
+    assert any(not torch.equal(loaded[name], initial[name]) for name in trained)
+    export = [sys.executable, "-m", "dpokit.cli", "export", str(zero3_run), "--out", str(tmp_path / "out")]
+    error = run([*export, "--checkpoint", "latest"], tmp_path, expect=2)
+    assert "holds DeepSpeed ZeRO-3 partitions, which export does not read" in error
+
+
+@pytest.mark.slow
+def test_zero3_killed_then_resumed_equals_uninterrupted(zero3_run, tiny_model_dir, pairs_file, tmp_path):
+    """SIGKILL to torchrun and both processes once a ZeRO-3 checkpoint exists; --resume with 2 processes ends
+    as the uninterrupted run. Resuming with 1 process is refused with the number to use."""
+    out = tmp_path / "zero3"
+    args = settings(tiny_model_dir, pairs_file, out)
+    kill_after_first_checkpoint(torchrun(2, args, ZERO3), out)
+    assert not (out / "final").exists(), "the kill landed before the end"
+    error = run(torchrun(1, [*args, "--resume"], ZERO3), out, expect=1)
+    assert "written by 2 processes, this run has 1; resume with 2" in error
+    run(torchrun(2, [*args, "--resume"], ZERO3), out)
+    assert_same_training(out, zero3_run)
+
+
+@pytest.mark.slow
+def test_zero3_refuses_a_separate_live_reference(tiny_model_dir, pairs_file, tmp_path):
+    """A full fine-tune's live reference would be a second, frozen ZeRO-3 engine: refused in one line."""
+    out = tmp_path / "live"
+    error = run(torchrun(1, settings(tiny_model_dir, pairs_file, out, "reference_mode=live"), ZERO3), out, 1)
+    assert "reference_mode: live under deepspeed-zero3" in error
+
+
+@pytest.mark.slow
+def test_zero3_lora_under_accelerate_launch_killed_resumed_equals_one_process(
+    tiny_model_dir, pairs_file, tmp_path
+):
+    """LoRA with gradient checkpointing under ZeRO-3 through `accelerate launch` and the shipped preset, the
+    reference being the partitioned base with adapters disabled at every step; killed once a checkpoint
+    exists and resumed, it ends as 1 process does."""
+    lora = [
+        "use_lora=true",
+        "learning_rate=1e-3",
+        "reference_mode=live",
+        "eval_data=null",
+        "gradient_checkpointing=true",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(single(settings(tiny_model_dir, pairs_file, one, *lora)), one)
+    args = settings(tiny_model_dir, pairs_file, two, *lora)
+    kill_after_first_checkpoint(accelerate_launch(2, args, ZERO3), two)
+    assert not (two / "final").exists(), "the kill landed before the end"
+    run(accelerate_launch(2, [*args, "--resume"], ZERO3), two)
+    have = [(r["step"], r["loss"]) for r in records(two)]
+    want = [(r["step"], r["loss"]) for r in records(one)]
+    assert [step for step, _ in have] == [step for step, _ in want]
+    assert [loss for _, loss in have] == pytest.approx([loss for _, loss in want], abs=1e-5)
+    adapters = load_file(str(two / "final" / "adapter_model.safetensors"))
+    expected = load_file(str(one / "final" / "adapter_model.safetensors"))
+    assert adapters.keys() == expected.keys()
+    for name in adapters:
+        assert_close(adapters[name], expected[name], atol=1e-5, rtol=0)
+    assert torch.count_nonzero(next(v for k, v in adapters.items() if "lora_B" in k)) > 0
