@@ -184,3 +184,12 @@ def test_too_few_pairs_stops_every_process_under_accelerate_launch(tiny_model_di
     assert len(lines) == 2 and all(line.startswith("error: round 1: ") for line in lines), stderr[-4000:]
     assert (tmp_path / "run" / "round-1" / "report.json").exists()
     assert not (tmp_path / "run" / "round-1" / "pairs.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_missing_prompt_file_stops_every_process_under_torchrun(tiny_model_dir, tmp_path) -> None:
+    config = write_config(tmp_path, tiny_model_dir)
+    (tmp_path / "eval.txt").unlink()
+    stderr = run(torchrun(config, "ddp"), expect=1)
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert lines == [f"error: {tmp_path / 'eval.txt'}: no such prompts file"] * 2, stderr[-4000:]

@@ -59,15 +59,14 @@ class Ranks:
             try:
                 result = fn()
             except DpokitError as error:
-                failure = (True, str(error))
+                failure = str(error)
             except BaseException as error:
-                failure = (False, f"rank 0 failed: {type(error).__name__}: {error}")
-                self._share(failure)
+                self._share(f"rank 0 failed: {type(error).__name__}: {error}")
                 raise
         if self.size > 1:
             failure = self._share(failure)
         if failure is not None:
-            raise DpokitError(failure[1])
+            raise DpokitError(failure)
         return result
 
     def gather(self, items: Sequence[Any], fn: Callable[[Any], T]) -> list[T]:
