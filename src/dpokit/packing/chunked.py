@@ -113,12 +113,13 @@ def chunked_token_logps(
     """log p(target | hidden) per token through the output layer `head`: hidden (N, H), targets (N,) -> (N,) float32.
 
     A plain ``nn.Linear`` head uses :class:`ChunkedLinearLogps`. Any other head (e.g. a peft LoRA layer on
-    lm_head, or a head partitioned by DeepSpeed ZeRO-3) is called on each chunk under activation checkpointing, which recomputes the chunk in backward:
-    the same memory bound, with autograd doing the backward.
+    lm_head, or a head partitioned by DeepSpeed ZeRO-3) is called on each chunk under activation
+    checkpointing, which recomputes the chunk in backward: the same memory bound, with autograd doing the
+    backward.
     """
     # A DeepSpeed ZeRO-3 weight (`ds_id`) is whole only while its module runs (DeepSpeed's hooks gather it):
     # such a head is called as a module, like any other.
-    zero3 = hasattr(head.weight, "ds_id")
+    zero3 = any(hasattr(weight, "ds_id") for weight in head.parameters())
     if type(head) is torch.nn.Linear and not zero3:
         return ChunkedLinearLogps.apply(hidden, head.weight, head.bias, targets, chunk_size)
     if not torch.is_grad_enabled():
