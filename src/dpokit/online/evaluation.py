@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from dpokit.data.rows import Text
 from dpokit.models.loading import reference_context
 from dpokit.online.judges import Judge, Score
-from dpokit.online.models import preference_row, row_logps
+from dpokit.online.models import answer_logps
 
 PAIRWISE_NOTE = (
     "pairwise judge: no per-answer reward; win_rate_vs_reference comes from A/B comparisons of each answer "
@@ -128,9 +128,7 @@ def kl_estimate(
     answers y sampled from the policy. reference None: the policy with its LoRA adapters disabled."""
     if policy is reference:
         return 0.0
-    # Each row scores its answer twice (chosen = rejected); only the chosen side is read.
-    rows = [preference_row(p, a, a, tokenizer) for p, a in zip(prompts, answers)]
-    policy_logps = row_logps(policy, tokenizer, rows, batch_size).chosen  # (N,)
+    policy_logps = answer_logps(policy, tokenizer, prompts, answers, batch_size)  # (N,)
     with reference_context(policy, reference) as model:
-        reference_logps = row_logps(model, tokenizer, rows, batch_size).chosen  # (N,)
+        reference_logps = answer_logps(model, tokenizer, prompts, answers, batch_size)  # (N,)
     return (policy_logps - reference_logps).mean().item()

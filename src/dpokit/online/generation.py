@@ -14,7 +14,13 @@ from typing import Protocol
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.generation import utils as generation_utils
 
 from dpokit.data.rows import Text
@@ -59,6 +65,34 @@ def prompt_ids(prompt: Text, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return _encode(tokenizer, training_prompt(prompt, tokenizer), add_generation_prompt=True)
 
 
+class InverseCdfSampler(LogitsProcessor):
+    """Draws each row's next token from softmax(scores / temperature), restricted to the top-p nucleus, and
+    leaves only that token's score finite, so that generate's greedy pick returns it.
+
+    One uniform number per row, located in the cumulative distribution: transformers' `do_sample` calls
+    torch.multinomial, which draws an exponential variate for every vocabulary entry of every row, 21% of
+    generation's wall time (py-spy, SmolLM2-135M, 192 rows x 49k tokens per step on CPU), against 1% here.
+    The nucleus is the most likely tokens whose probabilities reach top_p together (the most likely one is
+    always kept), as in transformers' top-p warper.
+    """
+
+    def __init__(self, temperature: float, top_p: float = 1.0) -> None:
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        if self.top_p < 1.0:
+            ranked, order = probs.sort(dim=-1, descending=True)
+            outside = ranked.cumsum(-1) - ranked >= self.top_p  # the mass before it already reaches top_p
+            probs = torch.zeros_like(probs).scatter_(-1, order, ranked.masked_fill(outside, 0.0))
+        cdf = probs.cumsum(-1)  # (B, V)
+        draws = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]  # (B, 1), scaled to the mass
+        # the first token whose cumulative mass exceeds the draw; zero-probability tokens are never it
+        tokens = torch.searchsorted(cdf, draws, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)
+
+
 @dataclass
 class TransformersBackend:
     """transformers `generate` over left-padded batches of `batch_size` prompts (k sequences each)."""
@@ -87,8 +121,8 @@ class TransformersBackend:
         # Left padding: every prompt ends at the same column, so new tokens are appended right after it.
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in encoded], device=device)  # (B, P)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in encoded], device=device)  # (B, P)
-        sample = sampling.temperature is not None
-        extra = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0) if sample else {}
+        # Sampling is done by InverseCdfSampler, after which generate's greedy pick takes the drawn token.
+        sampler = [InverseCdfSampler(sampling.temperature, sampling.top_p)] if sampling.temperature else []
         # Prefill each prompt once and copy its KV cache k times: `num_return_sequences=k` would repeat the
         # prompts first and prefill all B * k rows, which with a chat template's system prompt was ~40% of
         # generation's CPU time (py-spy, SmolLM2-135M, k=4). All but the last prompt token go in the cache;
@@ -99,6 +133,7 @@ class TransformersBackend:
             attention_mask=mask[:, :-1],
             position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0),
             use_cache=True,
+            logits_to_keep=1,  # only the cache is wanted, not (B, P, vocab) logits
             **{CACHE_KWARG: cache},
         )
         cache.batch_repeat_interleave(k)
@@ -106,10 +141,10 @@ class TransformersBackend:
             input_ids=ids.repeat_interleave(k, dim=0),
             attention_mask=mask.repeat_interleave(k, dim=0),
             max_new_tokens=sampling.max_new_tokens,
-            do_sample=sample,
+            do_sample=False,
+            logits_processor=LogitsProcessorList(sampler),
             pad_token_id=pad_id,
             **{CACHE_KWARG: cache},
-            **extra,
         )  # (B * k, P + new), the k sequences of a prompt next to each other
         rows = output[:, width:].tolist()
         answers = []

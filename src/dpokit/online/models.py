@@ -3,12 +3,15 @@ generation and log-probs. Precision comes from the train section, as in `dpokit 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpokit.config import RunConfig
 from dpokit.data.rows import PreferenceRow, Text
-from dpokit.data.tokenize import tokenize_rows
+from dpokit.data.tokenize import TokenizedPair, tokenize_rows
 from dpokit.logprobs import PairLogps, compute_logps
 from dpokit.models.loading import adapter_base, load_adapter, load_model
 from dpokit.online.generation import training_prompt
@@ -53,7 +56,32 @@ def row_logps(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict], batch_size: int
 ) -> PairLogps:
     """Summed answer log-probs of preference rows under `model`, tokenized exactly as training does."""
-    pairs = tokenize_rows(tokenizer, [PreferenceRow(**row, line=i) for i, row in enumerate(rows)], None).pairs
+    return _pair_logps(model, tokenizer, _tokenized(tokenizer, rows), batch_size)
+
+
+def answer_logps(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Text],
+    answers: Sequence[str],
+    batch_size: int,
+) -> torch.Tensor:
+    """Summed log-probs (N,) of each answer given its prompt, tokenized exactly as training does.
+
+    Each answer is the chosen side of a pair whose rejected side is a one-token stand-in that is never read:
+    half the tokens of scoring the answer on both sides."""
+    rows = [preference_row(p, a, a, tokenizer) for p, a in zip(prompts, answers)]
+    pairs = [replace(pair, rejected_ids=pair.chosen_ids[:1]) for pair in _tokenized(tokenizer, rows)]
+    return _pair_logps(model, tokenizer, pairs, batch_size).chosen
+
+
+def _tokenized(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[TokenizedPair]:
+    return tokenize_rows(tokenizer, [PreferenceRow(**row, line=i) for i, row in enumerate(rows)], None).pairs
+
+
+def _pair_logps(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: list[TokenizedPair], batch_size: int
+) -> PairLogps:
     # Training's fast path (packed rows, each prompt run once, output layer in chunks): the padded one computed
     # full-vocabulary logits at every prompt position too, and each prompt twice.
     logps_fn = build_logps_fn(
