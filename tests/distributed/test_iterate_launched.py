@@ -112,7 +112,10 @@ def assert_same_rounds(got: Path, expected: Path) -> None:
         assert a.keys() == b.keys()
         for key in a:
             if isinstance(a[key], float):
-                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["round"], key)
+                # kl is a difference of float32 log-prob sums of magnitude ~40, whose last bit is ~4e-6: launched
+                # processes compute with torchrun's 1 thread against 2 here, which can round differently.
+                tolerance = 3e-5 if key == "kl" else 1e-6
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=tolerance), (a["round"], key)
             else:
                 assert a[key] == b[key], (a["round"], key)
 

@@ -42,7 +42,7 @@ from dpokit.online.judges import Judge, build_judge
 from dpokit.online.models import inference_device, load_frozen, preference_row, row_logps
 from dpokit.online.pairs import DROP_GAP, DROP_JUDGE, DROP_MINING, hard_negatives, implicit_margins, pick_pair
 from dpokit.online.prompts import read_prompts
-from dpokit.online.ranks import Ranks, process_group_kept, start_ranks, stop_ranks
+from dpokit.online.ranks import Ranks, start_ranks, stop_ranks
 from dpokit.train.output import save_final
 
 # Generation batch b is seeded seed + b * BATCH_SEED_STRIDE: its answers depend on its own prompts and seed
@@ -256,10 +256,8 @@ def train_stage(loop: Loop, n: int) -> None:
             {key: pair[key] for key in ("prompt", "chosen", "rejected")}
             for pair in read_jsonl(directory / "pairs.jsonl")
         ]
-        with process_group_kept(loop.ranks):  # every rank trains, on the same rows
-            train(
-                run_config, resume=True, console=loop.console, train_rows=rows, distributed=loop.distributed
-            )
+        # Every rank trains, on the same rows; the process group joined at the start outlives each round.
+        train(run_config, resume=True, console=loop.console, train_rows=rows, distributed=loop.distributed)
         loop.ranks.barrier()  # rank 0 writes final/ last: the others load it next
     if loop.merges:
         loop.ranks.on_main(partial(merge_policy, loop, n))

@@ -13,13 +13,11 @@ same code with size 1 and no collectives.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch.distributed as dist
-from accelerate import PartialState
 from accelerate.utils import InitProcessGroupKwargs
 
 from dpokit.distributed import make_accelerator
@@ -105,21 +103,6 @@ def start_ranks() -> Ranks:
     same accelerate state `dpokit train` uses later; size 1 without a launcher."""
     accelerator = make_accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=STAGE_TIMEOUT)])
     return Ranks(accelerator.process_index, accelerator.num_processes)
-
-
-@contextmanager
-def process_group_kept(ranks: Ranks):
-    """`dpokit train` ends with accelerate's end_training, which destroys the process group; the loop still
-    needs it for the next round, so inside this block accelerate's destroy_process_group does nothing."""
-    if ranks.size == 1:
-        yield
-        return
-    destroy = PartialState.destroy_process_group
-    PartialState.destroy_process_group = lambda self, group=None: None
-    try:
-        yield
-    finally:
-        PartialState.destroy_process_group = destroy
 
 
 def stop_ranks(ranks: Ranks) -> None:

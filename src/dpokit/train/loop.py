@@ -262,4 +262,7 @@ def finish(run: Run, log: MetricsLog, hooks: RunHooks) -> None:
     hooks.on_samples(run.model, run.total_steps)
     hooks.summary()
     log.close()
-    run.accelerator.end_training()
+    for tracker in run.accelerator.trackers:
+        tracker.finish()
+    if run.owns_process_group:
+        run.accelerator.state.destroy_process_group()

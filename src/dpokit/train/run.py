@@ -77,6 +77,9 @@ class Run:
     steps_per_epoch: int = 0
     total_steps: int = 0
     engine: Engine = field(default_factory=Engine)
+    # Whether this run joined the launcher's process group itself, and so leaves it at the end; a caller that
+    # joined first (the on-policy loop, training round after round) keeps it.
+    owns_process_group: bool = True
 
     @property
     def sharded(self) -> bool:
@@ -202,6 +205,7 @@ def setup_run(
     """
     run_dir = Path(config.output_dir)
     engine = resolve_engine(distributed)
+    joined_before = torch.distributed.is_available() and torch.distributed.is_initialized()
     accelerator = make_accelerator(log_with=config.report_to or None, project_dir=str(run_dir))
     set_seed(config.seed)
     precision = resolve_precision(config.precision, accelerator.device)
@@ -246,6 +250,7 @@ def setup_run(
         policy=load_policy(config, precision, accelerator.device),
         reference=load_reference(config, precision, accelerator.device),
         engine=engine,
+        owns_process_group=not joined_before,
     )
 
 
