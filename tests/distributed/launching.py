@@ -13,9 +13,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
@@ -68,8 +70,9 @@ def run(command: list[str], out: Path, expect: int = 0) -> str:
     return result.stderr
 
 
-def kill_after_first_checkpoint(command: list[str], out: Path) -> None:
-    """Start a run and SIGKILL the launcher and all its processes as soon as a checkpoint is published."""
+def kill_once_written(command: list[str], marker: Path, what: str) -> None:
+    """Start `command` and SIGKILL the launcher and all its processes as soon as `marker` exists (`what` names
+    it in the failure messages)."""
     process = subprocess.Popen(
         command,
         stdout=subprocess.DEVNULL,
@@ -78,12 +81,17 @@ def kill_after_first_checkpoint(command: list[str], out: Path) -> None:
         start_new_session=True,
     )
     deadline = time.monotonic() + TIMEOUT
-    while not (out / "checkpoints" / "latest").exists():
-        assert process.poll() is None, "the run ended before writing a checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint in time"
+    while not marker.exists():
+        assert process.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} in time"
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def kill_after_first_checkpoint(command: list[str], out: Path) -> None:
+    """Start a run and SIGKILL the launcher and all its processes as soon as a checkpoint is published."""
+    kill_once_written(command, out / "checkpoints" / "latest", "a checkpoint")
 
 
 def records(out: Path) -> list[dict]:
@@ -106,3 +114,36 @@ def assert_same_training(got: Path, expected: Path, atol: float = 1e-6) -> None:
     assert final.keys() == reference.keys()
     for name in final:
         assert_close(final[name], reference[name], atol=atol, rtol=0)
+
+
+LORA_LIVE = [
+    "use_lora=true",
+    "learning_rate=1e-3",
+    "reference_mode=live",
+    "eval_data=null",
+    "gradient_checkpointing=true",
+]
+
+
+def assert_lora_resume_equals_one_process(
+    launch: Callable[[list[str]], list[str]], model_dir: Path, data: Path, tmp_path: Path
+) -> None:
+    """LoRA with gradient checkpointing and the adapter-disabled base as a live reference, launched on 2
+    processes by `launch(args)`, killed once a checkpoint exists and resumed, ends as 1 process does: the same
+    steps and losses, the same adapters (and trained ones: lora_B moved off zero), within 1e-5."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(single(settings(model_dir, data, one, *LORA_LIVE)), one)
+    args = settings(model_dir, data, two, *LORA_LIVE)
+    kill_after_first_checkpoint(launch(args), two)
+    assert not (two / "final").exists(), "the kill landed before the end"
+    run(launch([*args, "--resume"]), two)
+    have = [(r["step"], r["loss"]) for r in records(two)]
+    want = [(r["step"], r["loss"]) for r in records(one)]
+    assert [step for step, _ in have] == [step for step, _ in want]
+    assert [loss for _, loss in have] == pytest.approx([loss for _, loss in want], abs=1e-5)
+    adapters = load_file(str(two / "final" / "adapter_model.safetensors"))
+    expected = load_file(str(one / "final" / "adapter_model.safetensors"))
+    assert adapters.keys() == expected.keys()
+    for name in adapters:
+        assert_close(adapters[name], expected[name], atol=1e-5, rtol=0)
+    assert torch.count_nonzero(next(v for k, v in adapters.items() if "lora_B" in k)) > 0

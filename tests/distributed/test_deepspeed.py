@@ -12,12 +12,12 @@ import pytest
 import torch
 from launching import (
     accelerate_launch,
+    assert_lora_resume_equals_one_process,
     assert_same_training,
     kill_after_first_checkpoint,
     records,
     run,
     settings,
-    single,
     torchrun,
 )
 from safetensors.torch import load_file
@@ -103,26 +103,6 @@ def test_zero3_lora_under_accelerate_launch_killed_resumed_equals_one_process(
     """LoRA with gradient checkpointing under ZeRO-3 through `accelerate launch` and the shipped preset, the
     reference being the partitioned base with adapters disabled at every step; killed once a checkpoint
     exists and resumed, it ends as 1 process does."""
-    lora = [
-        "use_lora=true",
-        "learning_rate=1e-3",
-        "reference_mode=live",
-        "eval_data=null",
-        "gradient_checkpointing=true",
-    ]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run(single(settings(tiny_model_dir, pairs_file, one, *lora)), one)
-    args = settings(tiny_model_dir, pairs_file, two, *lora)
-    kill_after_first_checkpoint(accelerate_launch(2, args, ZERO3), two)
-    assert not (two / "final").exists(), "the kill landed before the end"
-    run(accelerate_launch(2, [*args, "--resume"], ZERO3), two)
-    have = [(r["step"], r["loss"]) for r in records(two)]
-    want = [(r["step"], r["loss"]) for r in records(one)]
-    assert [step for step, _ in have] == [step for step, _ in want]
-    assert [loss for _, loss in have] == pytest.approx([loss for _, loss in want], abs=1e-5)
-    adapters = load_file(str(two / "final" / "adapter_model.safetensors"))
-    expected = load_file(str(one / "final" / "adapter_model.safetensors"))
-    assert adapters.keys() == expected.keys()
-    for name in adapters:
-        assert_close(adapters[name], expected[name], atol=1e-5, rtol=0)
-    assert torch.count_nonzero(next(v for k, v in adapters.items() if "lora_B" in k)) > 0
+    assert_lora_resume_equals_one_process(
+        lambda args: accelerate_launch(2, args, ZERO3), tiny_model_dir, pairs_file, tmp_path
+    )

@@ -8,14 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from launching import (
+    assert_lora_resume_equals_one_process,
     assert_same_training,
     kill_after_first_checkpoint,
     records,
     run,
     settings,
-    single,
     torchrun,
 )
 from safetensors.torch import load_file
@@ -83,26 +82,6 @@ def test_fsdp2_lora_with_live_adapter_disabled_reference_killed_resumed_equals_o
     """LoRA with gradient checkpointing under FSDP2, the reference being the sharded base with adapters
     disabled at every step; killed once a checkpoint (adapters and their AdamW state only) exists and
     resumed, it ends as 1 process does."""
-    lora = [
-        "use_lora=true",
-        "learning_rate=1e-3",
-        "reference_mode=live",
-        "eval_data=null",
-        "gradient_checkpointing=true",
-    ]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run(single(settings(tiny_model_dir, pairs_file, one, *lora)), one)
-    args = settings(tiny_model_dir, pairs_file, two, *lora)
-    kill_after_first_checkpoint(torchrun(2, args, "fsdp2"), two)
-    assert not (two / "final").exists(), "the kill landed before the end"
-    run(torchrun(2, [*args, "--resume"], "fsdp2"), two)
-    have = [(r["step"], r["loss"]) for r in records(two)]
-    want = [(r["step"], r["loss"]) for r in records(one)]
-    assert [step for step, _ in have] == [step for step, _ in want]
-    assert [loss for _, loss in have] == pytest.approx([loss for _, loss in want], abs=1e-5)
-    adapters = load_file(str(two / "final" / "adapter_model.safetensors"))
-    expected = load_file(str(one / "final" / "adapter_model.safetensors"))
-    assert adapters.keys() == expected.keys()
-    for name in adapters:
-        assert_close(adapters[name], expected[name], atol=1e-5, rtol=0)
-    assert torch.count_nonzero(next(v for k, v in adapters.items() if "lora_B" in k)) > 0
+    assert_lora_resume_equals_one_process(
+        lambda args: torchrun(2, args, "fsdp2"), tiny_model_dir, pairs_file, tmp_path
+    )

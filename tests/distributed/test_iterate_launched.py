@@ -8,16 +8,13 @@ answers, scores and pairs as 1 process, and the same rounds.jsonl within float t
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from launching import TIMEOUT, environment
+from launching import TIMEOUT, environment, kill_once_written
 
 from dpokit.distributed import preset_path
 from dpokit.errors import DpokitError
@@ -158,20 +155,8 @@ def test_fsdp2_killed_in_round_2_then_resumed_under_torchrun_equals_one_process(
     """SIGKILL to torchrun and both processes once round 2's answers are written; --resume with 2 processes
     finishes the run, training each round sharded (generation uses a whole copy of the policy per process)."""
     command = torchrun(write_config(tmp_path, tiny_model_dir), "fsdp2")
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=environment(),
-        start_new_session=True,
-    )
-    out, deadline = tmp_path / "run", time.monotonic() + TIMEOUT
-    while not (out / "round-2" / "generations.jsonl").exists():
-        assert process.poll() is None, "the run ended before round 2's generation"
-        assert time.monotonic() < deadline, "no round 2 in time"
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    out = tmp_path / "run"
+    kill_once_written(command, out / "round-2" / "generations.jsonl", "round 2's generation")
     assert len(read(out / "rounds.jsonl")) == 2, "the kill landed after round 2's evaluation"
     run([*command, "--resume"])
     assert_same_rounds(out, one_process)
