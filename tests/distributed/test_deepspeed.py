@@ -24,6 +24,9 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
+from dpokit.errors import DpokitError
+from dpokit.train.sharded_checkpoint import restricted_load
+
 pytest.importorskip("deepspeed")
 
 ZERO3 = "deepspeed-zero3"
@@ -106,3 +109,24 @@ def test_zero3_lora_under_accelerate_launch_killed_resumed_equals_one_process(
     assert_lora_resume_equals_one_process(
         lambda args: accelerate_launch(2, args, ZERO3), tiny_model_dir, pairs_file, tmp_path
     )
+
+
+class Tampered:
+    """Pickles as a call of `print`: a file holding it would run that call under a full unpickler."""
+
+    def __reduce__(self):
+        return (print, ("ran code from a checkpoint",))
+
+
+def test_zero3_files_are_read_with_the_restricted_unpickler(tmp_path, capsys) -> None:
+    """What resume reads goes through restricted_load: tensors and plain values load, a file naming a callable
+    is refused in one line without running it."""
+    plain = tmp_path / "plain.pt"
+    torch.save({"step": 3, "weights": torch.arange(4.0), "groups": [{"lr": 1e-3}]}, plain)
+    loaded = restricted_load(str(plain), "cpu")
+    assert loaded["step"] == 3 and torch.equal(loaded["weights"], torch.arange(4.0))
+    tampered = tmp_path / "tampered.pt"
+    torch.save({"step": Tampered()}, tampered)
+    with pytest.raises(DpokitError, match=r"tampered\.pt: not loaded.*GLOBAL print"):
+        restricted_load(str(tampered), "cpu")
+    assert "ran code" not in capsys.readouterr().out

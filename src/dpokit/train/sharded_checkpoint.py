@@ -8,13 +8,15 @@ The run directory must be on a file system all processes see (one machine, or a 
 
 Resume needs the same number of processes: DCP could reshard to another number, but dpokit does not test
 that, so it refuses with the number to use. `dpokit export` reads an FSDP2 checkpoint in one process.
-DeepSpeed's files are its own (torch.save, read back only by `load_checkpoint` on resume); a ZeRO-3 run's
-final/ is the gathered model.
+DeepSpeed's files are its own torch.save files; resume reads them with PyTorch's restricted unpickler
+(`weights_only`: tensors, containers, numbers and two DeepSpeed classes), never with the full one DeepSpeed
+uses, which would run whatever a tampered file names. A ZeRO-3 run's final/ is the gathered model.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -81,8 +83,32 @@ def write_zero3(engine: torch.nn.Module, directory: Path) -> None:
 
 
 def read_zero3(engine: torch.nn.Module, directory: Path) -> None:
-    # The schedule is dpokit's (stepped to the checkpoint's step by the loop), not DeepSpeed's.
-    engine.load_checkpoint(str(directory.parent), tag=directory.name, load_lr_scheduler_states=False)
+    """Load a `write_zero3` checkpoint into the engine, every file through `restricted_load`."""
+    checkpoint_engine = engine.checkpoint_engine
+    checkpoint_engine.load = restricted_load  # an instance attribute: DeepSpeed's own load is left as it is
+    try:
+        # The schedule is dpokit's (stepped to the checkpoint's step by the loop), not DeepSpeed's.
+        engine.load_checkpoint(str(directory.parent), tag=directory.name, load_lr_scheduler_states=False)
+    finally:
+        del checkpoint_engine.load
+
+
+def restricted_load(path: str, map_location: Any = None) -> Any:
+    """torch.load with `weights_only=True`, allowing the two DeepSpeed classes its ZeRO-3 files hold beside
+    tensors and plain values: the ZeRO stage enum and the (unused, fp32) loss scaler of its optimizer state.
+    DeepSpeed's TorchCheckpointEngine loads with `weights_only=False`, which executes any callable a file
+    names."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = next((line for line in str(error).splitlines() if "Unsupported global" in line), str(error))
+        raise DpokitError(
+            f"{path}: not loaded, it holds more than tensors and plain values ({reason.strip()})"
+        ) from None
 
 
 def save_sharded_checkpoint(
