@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from dpokit.atomic import publish_dir, write_atomic
 from dpokit.errors import DpokitError
-from dpokit.train.rng import RngState, restore_rng, rng_file, rng_state
+from dpokit.train.rng import RngState, restore_checkpoint_rng, rng_file, rng_state
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -121,5 +121,5 @@ def load_checkpoint(
             params[name].copy_(value)
     progress = json.loads((path / "progress.json").read_text())
     _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), progress["optimizer"])
-    restore_rng(rng_file(path, rank))
+    restore_checkpoint_rng(path, rank)
     return progress

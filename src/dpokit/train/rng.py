@@ -15,6 +15,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, safe_open
 
+from dpokit.errors import DpokitError
+
+LEGACY_RNG_FILE = "rng.safetensors"  # single-process and DDP checkpoints before per-process files
+
 RngState = tuple[dict[str, torch.Tensor], dict[str, str]]  # tensors, and scalars as string metadata
 
 
@@ -38,17 +42,37 @@ def rng_state() -> RngState:
     return tensors, {"scalars": json.dumps(scalars)}
 
 
+def restore_checkpoint_rng(checkpoint: Path, rank: int) -> None:
+    """Restore process `rank`'s generators from `checkpoint`. A checkpoint written before each process had its
+    own file holds one `rng.safetensors` (rank 0's torch and CUDA states): every process restores that, as
+    resuming did then."""
+    path = rng_file(checkpoint, rank)
+    if not path.exists() and (checkpoint / LEGACY_RNG_FILE).exists():
+        path = checkpoint / LEGACY_RNG_FILE
+    if not path.exists():
+        raise DpokitError(
+            f"{checkpoint}: no random-generator state for process {rank}; resume with as many processes as "
+            "wrote the checkpoint"
+        )
+    restore_rng(path)
+
+
 def restore_rng(path: Path) -> None:
     """Restore the generator states saved in `path`; a checkpoint moved to a machine with fewer, more or no
-    GPUs restores the devices both machines have and leaves the others as they are."""
+    GPUs restores the devices both machines have and leaves the others as they are. Files from before Python's
+    and NumPy's states were saved restore torch's (and CUDA's) alone."""
     tensors = load_file(str(path))
     with safe_open(str(path), "pt") as handle:
-        scalars = json.loads(handle.metadata()["scalars"])
+        metadata = handle.metadata() or {}
     torch.set_rng_state(tensors["torch"])
-    version, gauss = scalars["python"]
-    random.setstate((version, tuple(tensors["python"].tolist()), gauss))
-    kind, position, has_gauss, cached_gauss = scalars["numpy"]
-    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    if "scalars" in metadata:
+        scalars = json.loads(metadata["scalars"])
+        version, gauss = scalars["python"]
+        random.setstate((version, tuple(tensors["python"].tolist()), gauss))
+        kind, position, has_gauss, cached_gauss = scalars["numpy"]
+        np.random.set_state(
+            (kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached_gauss)
+        )
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             if f"cuda.{index}" in tensors:

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from dpokit.atomic import publish_dir, write_atomic
 from dpokit.errors import DpokitError
 from dpokit.train.checkpoint import _prune
-from dpokit.train.rng import restore_rng, rng_file, rng_state
+from dpokit.train.rng import restore_checkpoint_rng, rng_file, rng_state
 
 ShardIO = Callable[[Path], None]  # writes or reads this process's shards in a checkpoint directory
 
@@ -157,7 +157,7 @@ def load_sharded_checkpoint(accelerator: Accelerator, path: Path, read_shards: S
             f"{saved} (resharding a checkpoint is not supported yet; `dpokit export` reads it in one process)"
         )
     read_shards(path)
-    restore_rng(rng_file(path, accelerator.process_index))
+    restore_checkpoint_rng(path, accelerator.process_index)
     return progress
 
 
