@@ -109,8 +109,8 @@ def assert_same_rounds(got: Path, expected: Path) -> None:
         assert a.keys() == b.keys()
         for key in a:
             if isinstance(a[key], float):
-                # kl is a difference of float32 log-prob sums of magnitude ~40, whose last bit is ~4e-6: launched
-                # processes compute with torchrun's 1 thread against 2 here, which can round differently.
+                # kl is a difference of float32 log-prob sums of magnitude ~40, whose last bit is ~4e-6: the
+                # weights' rounding differences between 1 and 2 processes can show there as one ulp.
                 tolerance = 3e-5 if key == "kl" else 1e-6
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=tolerance), (a["round"], key)
             else:
