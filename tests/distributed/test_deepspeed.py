@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-3 over gloo on CPU, 2 processes: weights, gradients and AdamW state partitioned by DeepSpeed,
-the same run as 1 process; its checkpoints resume after a kill, refuse another process count, and final/ is
-the gathered model, loadable by transformers. Skipped where deepspeed is not installed (`dpokit[deepspeed]`)."""
+the same run as 1 process (under bf16-mixed too, its master weights float32); its checkpoints resume after a
+kill, refuse another process count, and final/ is the gathered model, loadable by transformers. Skipped where
+deepspeed is not installed (`dpokit[deepspeed]`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from launching import (
     records,
     run,
     settings,
+    single,
     torchrun,
 )
 from safetensors.torch import load_file
@@ -109,6 +111,42 @@ def test_zero3_lora_under_accelerate_launch_killed_resumed_equals_one_process(
     assert_lora_resume_equals_one_process(
         lambda args: accelerate_launch(2, args, ZERO3), tiny_model_dir, pairs_file, tmp_path
     )
+
+
+@pytest.mark.slow
+def test_zero3_bf16_mixed_two_processes_equal_one(one_process, tiny_model_dir, pairs_file, tmp_path):
+    """bf16-mixed under ZeRO-3: DeepSpeed gets no bf16 section, so the weights it partitions, their gradients
+    and AdamW's state stay float32 (SPEC §9's master weights) while dpokit's autocast runs the matmuls in bf16.
+
+    2 processes train as 1 bf16-mixed process does, up to bf16 rounding, which depends on how pairs are packed
+    into rows, and 2 processes pack other rows than 1: already at step 0, with equal weights, the held-out
+    losses differ by 6e-5 (neither is fp32's exact ln 2). Measured over the run: losses within 8e-5 of 1
+    process (tolerance 4e-4, 3% of the 0.014 the loss moves) and 1.5e-4 of fp32 (tolerance 1e-3, a quarter of
+    bf16's 2^-8 relative rounding). Weights: AdamW moves a weight by ~lr in either direction wherever its
+    gradient is near zero, so a few differ by 2 lr whatever the tolerance; the whole update agrees instead,
+    |du| / |u| = 3% against 1 process (4% between bf16 and fp32 on 1 process), tolerance 10%.
+    """
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(single(settings(tiny_model_dir, pairs_file, one, "precision=bf16-mixed")), one)
+    run(torchrun(2, settings(tiny_model_dir, pairs_file, two, "precision=bf16-mixed"), ZERO3), two)
+    have, want, fp32 = records(two), records(one), records(one_process)
+    assert [(r["split"], r["step"]) for r in have] == [(r["split"], r["step"]) for r in want]
+    assert have[0]["loss"] != fp32[0]["loss"], "bf16 autocast did not run: the step-0 loss is fp32's"
+    assert [r["loss"] for r in have] == pytest.approx([r["loss"] for r in want], abs=4e-4)
+    assert [r["loss"] for r in have] == pytest.approx([r["loss"] for r in fp32], abs=1e-3)
+
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    final = load_file(str(two / "final" / "model.safetensors"))
+    expected = load_file(str(one / "final" / "model.safetensors"))
+    assert final.keys() == expected.keys() and {w.dtype for w in final.values()} == {torch.float32}
+    update = torch.cat([(final[n] - start[n]).flatten() for n in sorted(final)])
+    wanted = torch.cat([(expected[n] - start[n]).flatten() for n in sorted(final)])
+    assert float((update - wanted).norm() / wanted.norm()) < 0.1
+    for partition in sorted((two / "checkpoints" / "step-000004").glob("zero_pp_rank_*_optim_states.pt")):
+        state = restricted_load(str(partition), "cpu")["optimizer_state_dict"]
+        adam = state["optimizer_state_dict"]["state"][0]
+        assert state["fp32_flat_groups"][0].dtype == torch.float32, partition.name
+        assert adam["exp_avg"].dtype == adam["exp_avg_sq"].dtype == torch.float32, partition.name
 
 
 class Tampered:
