@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -72,20 +73,23 @@ def run(command: list[str], out: Path, expect: int = 0) -> str:
 
 def kill_once_written(command: list[str], marker: Path, what: str) -> None:
     """Start `command` and SIGKILL the launcher and all its processes as soon as `marker` exists (`what` names
-    it in the failure messages)."""
+    it in the failure messages); returns once every one of them is gone.
+
+    The processes are found by walking the launcher's children: torchrun starts each worker in a session
+    of its own, so a kill of the launcher's process group would leave the workers training on."""
     process = subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=environment(),
-        start_new_session=True,
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment()
     )
+    launcher = psutil.Process(process.pid)
     deadline = time.monotonic() + TIMEOUT
     while not marker.exists():
         assert process.poll() is None, f"the run ended before {what}"
         assert time.monotonic() < deadline, f"no {what} in time"
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
+    victims = [launcher, *launcher.children(recursive=True)]
+    for victim in victims:
+        victim.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=60)
     process.wait()
 
 
