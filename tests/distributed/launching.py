@@ -98,6 +98,22 @@ def kill_after_first_checkpoint(command: list[str], out: Path) -> None:
     kill_once_written(command, out / "checkpoints" / "latest", "a checkpoint")
 
 
+def resume_on_other_process_counts(
+    first: Callable[[list[str]], list[str]],
+    second: Callable[[list[str]], list[str]],
+    args: list[str],
+    out: Path,
+) -> str:
+    """Start a run with `first(args)` and SIGKILL it once step 1's checkpoint exists; resume it with
+    `second(...)` and SIGKILL that once step 3's exists; resume it with `first(...)` to the end. Each resume
+    reads a checkpoint written by the other launch's processes. Returns the last resume's stderr."""
+    kill_after_first_checkpoint(first(args), out)
+    resume = [*args, "--resume"]
+    kill_once_written(second(resume), out / "checkpoints" / "step-000003", "step 3's checkpoint")
+    assert not (out / "final").exists(), "the second kill landed after the end"
+    return run(first(resume), out)
+
+
 def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -18,7 +18,7 @@ from accelerate.utils import gather_object
 
 from dpokit.distributed import make_accelerator
 from dpokit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from dpokit.train.rng import rng_state
+from dpokit.train.rng import restore_checkpoint_rng, rng_state
 
 
 def draws() -> dict[str, list[float]]:
@@ -47,7 +47,9 @@ def main(out: str) -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)  # a fresh process: every rank seeded alike, as a resumed run starts
-    load_checkpoint(latest_checkpoint(Path(out)), model, optimizer, rank)
+    checkpoint = latest_checkpoint(Path(out))
+    load_checkpoint(checkpoint, model, optimizer)
+    restore_checkpoint_rng(checkpoint, rank)
     resumed = draws()
     Path(out, f"rank-{rank}.json").write_text(
         json.dumps({"uninterrupted": uninterrupted, "resumed": resumed})

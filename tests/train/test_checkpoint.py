@@ -21,6 +21,7 @@ from torch.testing import assert_close
 from dpokit.train import checkpoint as checkpoint_module
 from dpokit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dpokit.train.loop import train
+from dpokit.train.rng import restore_checkpoint_rng
 from tiny_models import STANDARD_ROWS, write_jsonl
 from train.test_invariants import make_config
 
@@ -183,7 +184,7 @@ def test_cpu_rng_state_is_restored(tmp_path):
     path = save_checkpoint(tmp_path, 1, model, optimizer, {}, keep=1)
     expected = torch.rand(5)
     torch.manual_seed(0)
-    load_checkpoint(path, model, optimizer)
+    restore_checkpoint_rng(path, 0)
     assert torch.equal(torch.rand(5), expected)
 
 
@@ -205,7 +206,7 @@ def test_cuda_rng_states_restore_the_devices_both_machines_have(tmp_path, monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: devices_now > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: devices_now)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored_states.append((s.tolist(), i)))
-    load_checkpoint(path, model, optimizer)
+    restore_checkpoint_rng(path, 0)
     assert restored_states == [([1, 2, 3], 0), ([4, 5, 6], 1)][: min(devices_now, 2)]
 
 
@@ -218,7 +219,7 @@ def test_a_cpu_checkpoint_loads_on_a_cuda_machine(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: calls.append(i))
-    assert load_checkpoint(path, model, optimizer)["step"] == 1
+    restore_checkpoint_rng(path, 0)
     assert calls == []
 
 
@@ -230,7 +231,7 @@ def test_cuda_rng_state_is_restored_on_every_device(tmp_path):
     devices = range(torch.cuda.device_count())
     expected = [torch.rand(5, device=f"cuda:{d}") for d in devices]
     torch.cuda.manual_seed_all(0)
-    load_checkpoint(path, model, optimizer)
+    restore_checkpoint_rng(path, 0)
     for d in devices:
         assert torch.equal(torch.rand(5, device=f"cuda:{d}"), expected[d])
     assert json.loads((path / "progress.json").read_text())["step"] == 1

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from dpokit.errors import DpokitError
-from dpokit.train.rng import LEGACY_RNG_FILE, restore_checkpoint_rng, rng_file, rng_state
+from dpokit.train.rng import LEGACY_RNG_FILE, reseed, restore_checkpoint_rng, rng_file, rng_state, written_by
 
 
 def test_each_process_restores_its_own_file(tmp_path) -> None:
@@ -48,3 +49,30 @@ def test_no_state_for_this_process_is_one_line(tmp_path) -> None:
     save_file(tensors, str(rng_file(tmp_path, 0)), metadata=metadata)
     with pytest.raises(DpokitError, match="no random-generator state for process 1; resume with as many"):
         restore_checkpoint_rng(tmp_path, 1)
+
+
+def test_written_by_counts_the_processes_files(tmp_path) -> None:
+    """One file per process that wrote the checkpoint; an old single rng.safetensors tells no count."""
+    tensors, metadata = rng_state()
+    (tmp_path / "new").mkdir()
+    for rank in range(3):
+        save_file(tensors, str(rng_file(tmp_path / "new", rank)), metadata=metadata)
+    (tmp_path / "old").mkdir()
+    save_file({"torch": torch.get_rng_state()}, str(tmp_path / "old" / LEGACY_RNG_FILE))
+    assert written_by(tmp_path / "new") == 3
+    assert written_by(tmp_path / "old") is None
+
+
+def test_reseed_depends_on_seed_step_and_process_alone() -> None:
+    """A resharded resume seeds each process from (seed, step, rank): the same triple draws the same numbers
+    from torch, Python and NumPy whatever state came before, and another step or process draws others."""
+
+    def draws(seed: int, step: int, rank: int) -> tuple[list[float], float, float]:
+        torch.manual_seed(999)  # whatever came before is overwritten
+        reseed(seed, step, rank)
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    assert draws(0, 2, 1) == draws(0, 2, 1)
+    assert draws(0, 2, 1) != draws(0, 2, 0)
+    assert draws(0, 2, 1) != draws(0, 3, 1)
+    assert draws(0, 2, 1) != draws(1, 2, 1)

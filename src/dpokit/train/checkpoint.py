@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from dpokit.atomic import publish_dir, write_atomic
 from dpokit.errors import DpokitError
-from dpokit.train.rng import RngState, restore_checkpoint_rng, rng_file, rng_state
+from dpokit.train.rng import RngState, rng_file, rng_state
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -106,11 +106,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0
-) -> dict[str, Any]:
-    """Restore trainable weights, optimizer and process `rank`'s RNG state from `path`; returns the saved
-    progress."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore trainable weights and optimizer state from `path` (whole in every checkpoint of this kind, so
+    any number of processes can resume it); returns the saved progress. The RNG state is restored apart
+    (`dpokit.train.rng`), as it depends on the number of processes."""
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = set(weights) ^ {n for n, p in params.items() if p.requires_grad}
@@ -121,5 +120,4 @@ def load_checkpoint(
             params[name].copy_(value)
     progress = json.loads((path / "progress.json").read_text())
     _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), progress["optimizer"])
-    restore_checkpoint_rng(path, rank)
     return progress

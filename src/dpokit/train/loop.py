@@ -34,7 +34,7 @@ from dpokit.train.hooks import RunHooks
 from dpokit.train.metrics import MetricsLog, cut_jsonl
 from dpokit.train.output import save_final
 from dpokit.train.reference_pass import reference_pass
-from dpokit.train.rng import rng_state
+from dpokit.train.rng import reseed, restore_checkpoint_rng, rng_state, written_by
 from dpokit.train.run import Run, identity_changes, setup_optimizer, setup_run
 from dpokit.train.sharded_checkpoint import (
     load_sharded_checkpoint,
@@ -100,6 +100,10 @@ def train(
 def restore(run: Run, checkpoint: Path, force: bool) -> int:
     """Load weights, optimizer and RNG state from `checkpoint` and step the schedule to it; returns its step.
 
+    A checkpoint written by another number of processes resumes too (DDP's are whole, FSDP2's resharded by
+    DCP), with the same global batch, so each step sees the same pairs; only ZeRO-3's is refused. Its RNG
+    states belong to processes that no longer exist, so the generators are reseeded instead (`reseed`).
+
     Refuses when the data or a setting that decides which pairs each step sees changed since the checkpoint
     was written, unless `force`.
     """
@@ -109,10 +113,17 @@ def restore(run: Run, checkpoint: Path, force: bool) -> int:
             written, "unsharded (single, ddp)"
         )
         raise DpokitError(f"{checkpoint}: a {kind} checkpoint; resume it with the engine that wrote it")
+    processes, writers = run.accelerator.num_processes, written_by(checkpoint)
+    resharded = writers is not None and writers != processes
+    if resharded and written == "zero3":
+        raise DpokitError(
+            f"{checkpoint}: written by {writers} processes, this run has {processes}; resume with {writers} "
+            "(a DeepSpeed ZeRO-3 checkpoint is not resharded; fsdp2 and ddp checkpoints are)"
+        )
     if run.sharded:
-        progress = load_sharded_checkpoint(run.accelerator, checkpoint, shard_io(run, read=True))
+        progress = load_sharded_checkpoint(checkpoint, shard_io(run, read=True))
     else:
-        progress = load_checkpoint(checkpoint, run.model, run.optimizer, run.accelerator.process_index)
+        progress = load_checkpoint(checkpoint, run.model, run.optimizer)
     changes = identity_changes(progress.get("identity", {}), run.identity())
     if changes and not force:
         raise DpokitError(
@@ -124,6 +135,14 @@ def restore(run: Run, checkpoint: Path, force: bool) -> int:
     if run.scaler is not None and "scaler" in progress:
         run.scaler.load_state_dict(progress["scaler"])  # fp16: the loss scale it had found, not a fresh one
     step = progress["step"]
+    if resharded:
+        reseed(run.config.seed, step, run.accelerator.process_index)
+        run.console.print(
+            f"{checkpoint}: written by {writers} process{'es' * (writers > 1)}, resumed on {processes}; weights, "
+            "optimizer state and each step's pairs carry over, random draws (dropout) are reseeded"
+        )
+    else:
+        restore_checkpoint_rng(checkpoint, run.accelerator.process_index)
     with warnings.catch_warnings():  # torch warns of a schedule stepped before any optimizer step: intended
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(step):

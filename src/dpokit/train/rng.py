@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
 from safetensors.torch import load_file, safe_open
 
 from dpokit.errors import DpokitError
@@ -40,6 +41,19 @@ def rng_state() -> RngState:
         tensors |= {f"cuda.{index}": state for index, state in enumerate(torch.cuda.get_rng_state_all())}
     scalars = {"python": [version, gauss], "numpy": [kind, position, has_gauss, cached_gauss]}
     return tensors, {"scalars": json.dumps(scalars)}
+
+
+def written_by(checkpoint: Path) -> int | None:
+    """How many processes wrote `checkpoint` (each saves its own RNG file); None for a checkpoint from before
+    per-process files, whose single file every process restores."""
+    return len(list(checkpoint.glob("rng-rank*.safetensors"))) or None
+
+
+def reseed(seed: int, step: int, rank: int) -> None:
+    """Seed this process's generators (torch, CUDA, Python, NumPy) from the run's seed, the step it resumes
+    at and its index: a run resumed on another number of processes has no saved state that is each process's
+    own, so its random draws (dropout) start afresh, reproducibly, instead of repeating step 0's."""
+    set_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
 
 
 def restore_checkpoint_rng(checkpoint: Path, rank: int) -> None:

@@ -6,8 +6,10 @@ Every process writes its shards of the trainable weights and AdamW state, and it
 to step-N, moves `latest` and prunes. `latest` therefore always names a checkpoint every process finished.
 The run directory must be on a file system all processes see (one machine, or a shared one across nodes).
 
-Resume needs the same number of processes: DCP could reshard to another number, but dpokit does not test
-that, so it refuses with the number to use. `dpokit export` reads an FSDP2 checkpoint in one process.
+An FSDP2 checkpoint resumes on any number of processes: DCP reads the shards each process needs for its
+own slice (resharding), whatever the number that wrote them. A ZeRO-3 checkpoint resumes on the number that
+wrote it (DeepSpeed's own resharding, its "universal" checkpoints, is not wired in). `dpokit export` reads an
+FSDP2 checkpoint in one process.
 DeepSpeed's files are its own torch.save files; resume reads them with PyTorch's restricted unpickler
 (`weights_only`: tensors, containers, numbers and two DeepSpeed classes), never with the full one DeepSpeed
 uses, which would run whatever a tampered file names. A ZeRO-3 run's final/ is the gathered model.
@@ -31,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from dpokit.atomic import publish_dir, write_atomic
 from dpokit.errors import DpokitError
 from dpokit.train.checkpoint import _prune
-from dpokit.train.rng import restore_checkpoint_rng, rng_file, rng_state
+from dpokit.train.rng import rng_file, rng_state
 
 ShardIO = Callable[[Path], None]  # writes or reads this process's shards in a checkpoint directory
 
@@ -146,19 +148,11 @@ def save_sharded_checkpoint(
     return final
 
 
-def load_sharded_checkpoint(accelerator: Accelerator, path: Path, read_shards: ShardIO) -> dict[str, Any]:
+def load_sharded_checkpoint(path: Path, read_shards: ShardIO) -> dict[str, Any]:
     """Restore this process's shards of weights and AdamW state (`read_shards(path)`: `read_dcp` or
-    `read_zero3`), and its RNG state; returns the progress."""
-    progress = json.loads((path / "progress.json").read_text())
-    saved = progress["num_processes"]
-    if saved != accelerator.num_processes:
-        raise DpokitError(
-            f"{path}: written by {saved} processes, this run has {accelerator.num_processes}; resume with "
-            f"{saved} (resharding a checkpoint is not supported yet; `dpokit export` reads it in one process)"
-        )
+    `read_zero3`); returns the progress. DCP reads any process count's shards into this run's sharding."""
     read_shards(path)
-    restore_checkpoint_rng(path, accelerator.process_index)
-    return progress
+    return json.loads((path / "progress.json").read_text())
 
 
 def load_sharded_weights(path: Path, model: torch.nn.Module) -> None:
