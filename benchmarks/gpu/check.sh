@@ -6,6 +6,7 @@
 # 2. benchmarks/vs_trl.py on the 1.1B config, full fine-tuning, bf16-mixed, against TRL's GPU defaults;
 # 3. LoRA r16 on the same model, 8 steps, against TRL's LoRA.
 # Each part has its own timeout, so that the whole stays under the device tool's 10 minutes per command.
+# The distributed engines under NCCL (FSDP2, its offload, DDP) have their own, shorter command: check_distributed.sh.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
