@@ -118,9 +118,9 @@ def test_zero3_bf16_mixed_two_processes_equal_one(one_process, tiny_model_dir, p
     """bf16-mixed under ZeRO-3: DeepSpeed gets no bf16 section, so the weights it partitions, their gradients
     and AdamW's state stay float32 (SPEC §9's master weights) while dpokit's autocast runs the matmuls in bf16.
 
-    2 processes train as 1 bf16-mixed process does, up to bf16 rounding, which depends on how pairs are packed
-    into rows, and 2 processes pack other rows than 1: already at step 0, with equal weights, the held-out
-    losses differ by 6e-5 (neither is fp32's exact ln 2). Measured over the run: losses within 8e-5 of 1
+    2 processes train as 1 bf16-mixed process does, up to bf16 rounding, which ZeRO-3 does not reproduce bit
+    for bit: already at step 0, with equal weights, the held-out losses differ by 6e-5 (neither is fp32's
+    exact ln 2; 2-process DDP matches 1 process there exactly). Measured over the run: losses within 8e-5 of 1
     process (tolerance 4e-4, 3% of the 0.014 the loss moves) and 1.5e-4 of fp32 (tolerance 1e-3, a quarter of
     bf16's 2^-8 relative rounding). Weights: AdamW moves a weight by ~lr in either direction wherever its
     gradient is near zero, so a few differ by 2 lr whatever the tolerance; the whole update agrees instead,
