@@ -195,6 +195,35 @@ def shard_model(model: torch.nn.Module, engine: Engine, compute_dtype: torch.dty
     fully_shard(base, **(options | {"reshard_after_forward": None}))
 
 
+def fill_from_rank0(
+    model: torch.nn.Module, full_state: dict[str, torch.Tensor], device: torch.device, offload: bool
+) -> None:
+    """Give a model just sharded by `shard_model` rank 0's weights and buffers, so that only rank 0 ever
+    read the model from disk (the other processes built it on the meta device, holding no memory).
+
+    full_state: rank 0's `state_dict()` taken before sharding, whole and on its CPU; {} on other ranks.
+    Each tensor is broadcast in turn and each process keeps its own shard of it: the other processes hold
+    one whole tensor at a time beside their shards, never a whole model. Tied weights (SmolLM2's LM head is
+    its input embedding) stay one parameter: `to_empty` and the load keep each parameter object.
+    offload: FSDP2's CPU offload keeps the shards in CPU memory, so the other ranks allocate them there.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if dist.get_rank() != 0:
+        model.to_empty(device="cpu" if offload else device)  # uninitialised memory, overwritten below
+    set_model_state_dict(
+        model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+    # Buffers left out of the state dict (Llama's rotary `inv_freq`) are computed when a model is built,
+    # which the meta device skipped: after `to_empty` they hold garbage until rank 0's arrive.
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            received = buffer.to(device)
+            dist.broadcast(received, src=0)
+            setattr(module, name, received)
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

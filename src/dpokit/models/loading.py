@@ -12,7 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from dpokit.errors import DpokitError
 
@@ -60,13 +66,24 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     load_in_4bit: bool = False,
+    on_meta: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM with dropout disabled (DPO compares policy and reference log-probs: no noise).
 
     dtype: storage of the weights (`Precision.trainable_dtype` or `frozen_dtype`); with `load_in_4bit`, the
     dtype the 4-bit layers compute in.
+    on_meta: build the same architecture from the model's config on the meta device, reading no weights:
+    FSDP2's other processes build this, shard it and take rank 0's weights (`distributed.fill_from_rank0`).
     """
     source, extra = resolve_model_source(name)
+    if on_meta:
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        except OSError as error:
+            raise DpokitError(f"{name}: cannot load a model config ({str(error).splitlines()[0]})") from None
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        return without_dropout(model)
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -82,6 +99,11 @@ def load_model(
         )
     except OSError as error:
         raise DpokitError(f"{name}: cannot load a model ({str(error).splitlines()[0]})") from None
+    return without_dropout(model)
+
+
+def without_dropout(model: PreTrainedModel) -> PreTrainedModel:
+    """Set every dropout probability of `model` to 0, in place; returns `model`."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -123,10 +145,13 @@ def compile_layers(model: torch.nn.Module) -> None:
 
 def load_adapter(path: str, base: PreTrainedModel, trainable: bool = False) -> PreTrainedModel:
     """Attach a saved PEFT adapter to `base`: frozen (evaluation, export) or trainable (training goes on
-    from it)."""
+    from it). A base on the meta device (FSDP2's other ranks, `load_model(on_meta=True)`) gets its adapter
+    there too, its weights to come from rank 0: peft's low_cpu_mem_usage builds it there, where copying the
+    saved weights into meta tensors would be a no-op that torch warns about once per weight."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, path, is_trainable=trainable)
+    on_meta = base.device.type == "meta"
+    return PeftModel.from_pretrained(base, path, is_trainable=trainable, low_cpu_mem_usage=on_meta)
 
 
 def is_peft(model: torch.nn.Module) -> bool:

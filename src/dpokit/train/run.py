@@ -22,7 +22,15 @@ from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmu
 from dpokit.config import RunConfig
 from dpokit.data.prepare import Rows, load_pairs, split_pairs, subset
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.distributed import Engine, make_accelerator, resolve_engine, shard_model, zero3_initialize
+from dpokit.distributed import (
+    Engine,
+    fill_from_rank0,
+    is_sharded,
+    make_accelerator,
+    resolve_engine,
+    shard_model,
+    zero3_initialize,
+)
 from dpokit.errors import DpokitError
 from dpokit.logprobs import LogpsFn, PairLogps
 from dpokit.losses import LOSSES, LossFn, LossParams
@@ -151,17 +159,29 @@ def prepare_datasets(
     )
 
 
-def load_policy(config: RunConfig, precision: Precision, device: torch.device) -> torch.nn.Module:
+def load_policy(
+    config: RunConfig, precision: Precision, device: torch.device, engine: Engine | None = None
+) -> torch.nn.Module:
     """The model to train: gradient checkpointing and LoRA/QLoRA adapters applied as configured.
 
     A full fine-tune stores every weight in the trainable dtype; LoRA stores its frozen base in the frozen
     dtype, and peft keeps the adapters themselves in float32 (it upcasts bf16/fp16 adapter weights). A LoRA
     run whose `model` is a saved adapter (a run's final/) trains that adapter on; its base, with adapters
-    disabled, is the reference.
+    disabled, is the reference. Under FSDP2 it comes back sharded, read from disk by rank 0 alone, as
+    `loads_on_rank0` says.
     """
     dtype = precision.frozen_dtype if config.use_lora else precision.trainable_dtype
     adapter_of = adapter_base(config.model) if config.use_lora else None
-    policy = load_model(adapter_of or config.model, dtype, config.trust_remote_code, config.load_in_4bit)
+    # LoRA without a reference model: the reference pass runs on this model, with its adapters disabled.
+    is_reference = config.use_lora and config.reference_model is None
+    from_rank0 = loads_on_rank0(config, engine, reference_pass_runs_on_it=is_reference)
+    policy = load_model(
+        adapter_of or config.model,
+        dtype,
+        config.trust_remote_code,
+        config.load_in_4bit,
+        on_meta=from_rank0 and torch.distributed.get_rank() != 0,
+    )
     if config.gradient_checkpointing:
         enable_checkpointing(policy)  # the backward's reruns keep packed rows on their attention kernel
         policy.enable_input_require_grads()
@@ -178,18 +198,47 @@ def load_policy(config: RunConfig, precision: Precision, device: torch.device) -
         )
     if config.compile:
         compile_layers(policy)  # after LoRA: changing a compiled layer would recompile it
-    return policy.to(device)
+    return shard_from_rank0(policy, engine, precision, device) if from_rank0 else policy.to(device)
 
 
-def load_reference(config: RunConfig, precision: Precision, device: torch.device) -> torch.nn.Module | None:
+def load_reference(
+    config: RunConfig, precision: Precision, device: torch.device, engine: Engine | None = None
+) -> torch.nn.Module | None:
     """A separate frozen reference, when one is needed: a given `reference_model`, or a frozen copy of
-    `model` for full fine-tuning. LoRA runs use the base with adapters disabled (None here)."""
+    `model` for full fine-tuning. LoRA runs use the base with adapters disabled (None here). Under FSDP2 in
+    live mode it comes back sharded, read from disk by rank 0 alone (`loads_on_rank0`)."""
     if config.resolved_reference_mode == "none" or (config.reference_model is None and config.use_lora):
         return None
+    from_rank0 = loads_on_rank0(config, engine, reference_pass_runs_on_it=True)
     reference = load_model(
-        config.reference_model or config.model, precision.frozen_dtype, config.trust_remote_code
+        config.reference_model or config.model,
+        precision.frozen_dtype,
+        config.trust_remote_code,
+        on_meta=from_rank0 and torch.distributed.get_rank() != 0,
     )
-    return reference.to(device).eval().requires_grad_(False)
+    reference = shard_from_rank0(reference, engine, precision, device) if from_rank0 else reference.to(device)
+    return reference.eval().requires_grad_(False)
+
+
+def loads_on_rank0(config: RunConfig, engine: Engine | None, reference_pass_runs_on_it: bool) -> bool:
+    """Whether a model is read from disk by rank 0 alone and sharded as it loads: under FSDP2, except a
+    4-bit (QLoRA) base, which bitsandbytes quantises as it reads, and a model the precompute reference pass
+    runs on, since that pass computes each process's share of the pairs on a whole copy of its own (those
+    load on every process, and `setup_optimizer` shards them)."""
+    precomputed = reference_pass_runs_on_it and config.resolved_reference_mode == "precompute"
+    fsdp2 = engine is not None and engine.name == "fsdp2"
+    return fsdp2 and not config.load_in_4bit and not precomputed
+
+
+def shard_from_rank0(
+    model: torch.nn.Module, engine: Engine, precision: Precision, device: torch.device
+) -> torch.nn.Module:
+    """Shard `model` (rank 0's loaded from disk, the others' built on the meta device) and fill every
+    shard from rank 0's weights. Rank 0 keeps its whole copy on the CPU until the last tensor is sent."""
+    full_state = model.state_dict() if torch.distributed.get_rank() == 0 else {}
+    shard_model(model, engine, precision.compute_dtype if precision.mixed else None)
+    fill_from_rank0(model, full_state, device, engine.offload)
+    return model
 
 
 def setup_run(
@@ -247,8 +296,8 @@ def setup_run(
         params=LossParams(
             config.resolved_beta, config.label_smoothing, config.rdpo_alpha, config.simpo_gamma
         ),
-        policy=load_policy(config, precision, accelerator.device),
-        reference=load_reference(config, precision, accelerator.device),
+        policy=load_policy(config, precision, accelerator.device, engine),
+        reference=load_reference(config, precision, accelerator.device, engine),
         engine=engine,
         owns_process_group=not joined_before,
     )
@@ -266,11 +315,13 @@ def setup_optimizer(run: Run) -> None:
         )
     run.steps_per_epoch = len(run.data.train) // run.pairs_per_step
     run.total_steps = config.max_steps or run.steps_per_epoch * config.num_epochs
-    if run.engine.name == "fsdp2":  # shard before AdamW is built, so its state is created as shards too
+    # Shard what loading left whole (`loads_on_rank0`) before AdamW is built, so its state is created as
+    # shards too; live mode's frozen reference is sharded too, never given to AdamW.
+    if run.engine.name == "fsdp2":
         compute_dtype = run.precision.compute_dtype if run.precision.mixed else None
-        shard_model(run.policy, run.engine, compute_dtype)
-        if run.reference is not None:  # live mode's frozen reference: sharded too, never given to AdamW
-            shard_model(run.reference, run.engine, compute_dtype)
+        for model in (run.policy, run.reference):
+            if model is not None and not is_sharded(model):
+                shard_model(model, run.engine, compute_dtype)
     run.trainable = [p for p in run.policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         run.trainable, lr=config.resolved_learning_rate, weight_decay=config.weight_decay
