@@ -5,8 +5,8 @@
 #     bash benchmarks/gpu/check_distributed.sh     # about 2 minutes on one GPU; results under $OUT
 # tests/distributed/test_gpu_engines.py under NCCL, bf16-mixed: torchrun with 1 process under fsdp2 and
 # fsdp2-offload against the plain single-process run; with 2 GPUs or more, 2-process DDP and FSDP2 too.
-# $OUT/gpu_engines.txt lists every test as PASSED, FAILED or SKIPPED (with the reason); gpu_engines.xml the same
-# as JUnit XML.
+# $OUT/gpu_engines.txt holds pytest's whole output, ending with every test as PASSED, FAILED or SKIPPED (with the
+# reason); gpu_engines.xml the same as JUnit XML.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check-distributed}
 mkdir -p "$OUT"
@@ -17,7 +17,8 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name())" \
     | tee "$OUT/versions.txt"
 timeout 170 python3 -m pytest -p no:cacheprovider -rA -v --durations=0 --junitxml="$OUT/gpu_engines.xml" \
-    tests/distributed/test_gpu_engines.py 2>&1 | tail -60 | tee "$OUT/gpu_engines.txt"
-status=${PIPESTATUS[0]}
+    tests/distributed/test_gpu_engines.py > "$OUT/gpu_engines.txt" 2>&1
+status=$?
+tail -60 "$OUT/gpu_engines.txt"
 echo "pytest exit status $status (124: timed out); done: results in $OUT" | tee -a "$OUT/gpu_engines.txt"
 exit "$status"
