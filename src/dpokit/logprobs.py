@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ from tqdm import tqdm
 
 from dpokit.data.batching import pad_pairs, token_batches
 from dpokit.data.tokenize import TokenizedPair
+from dpokit.distributed import is_sharded
 
 
 @dataclass
@@ -85,6 +87,12 @@ def length_batches(
     return [[order[j] for j in group] for group in groups]
 
 
+def without_grad(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """inference_mode, or no_grad for an FSDP2-sharded model: gathering its weights bumps version counters,
+    which tensors made under inference_mode do not have."""
+    return torch.no_grad() if is_sharded(model) else torch.inference_mode()
+
+
 def compute_logps(
     model: torch.nn.Module,
     pairs: list[TokenizedPair],
@@ -92,18 +100,31 @@ def compute_logps(
     batch_size: int,
     desc: str,
     max_tokens: int | None = None,
+    share: tuple[int, int, bool] | None = None,
 ) -> PairLogps:
     """Log-probs of every pair, without gradients, returned in dataset order (on the CPU).
 
     Batches as `length_batches` makes them. Results stay on the model's device until the end: no host sync
     per batch.
+
+    share: (index, count, lockstep): this process computes every count-th batch from the index-th, and
+    the other pairs' columns stay 0 (for a sum across processes). lockstep: every process runs as many
+    forward passes, the first batch again where it has fewer, its result dropped: a sharded model's
+    forward passes are collectives that all processes must enter together.
     """
     batches = length_batches(pairs, batch_size, max_tokens)
+    mine, passes = batches, len(batches)
+    if share is not None:
+        index, count, lockstep = share
+        mine = batches[index::count]
+        passes = -(-len(batches) // count) if lockstep else len(mine)
     results = []
-    with torch.inference_mode():
-        for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
-            out = logps_fn(model, [pairs[i] for i in batch])
-            results.append(torch.stack([t.float() for t in vars(out).values()]))  # (4, B)
-    table = torch.empty(4, len(pairs))
-    table[:, [i for batch in batches for i in batch]] = torch.cat(results, dim=1).cpu()  # (4, N), one read
+    with without_grad(model):
+        for step in tqdm(range(passes), desc=desc, unit="batch", leave=False):
+            out = logps_fn(model, [pairs[i] for i in (mine[step] if step < len(mine) else batches[0])])
+            if step < len(mine):
+                results.append(torch.stack([t.float() for t in vars(out).values()]))  # (4, B)
+    table = torch.zeros(4, len(pairs))
+    if results:
+        table[:, [i for batch in mine for i in batch]] = torch.cat(results, dim=1).cpu()  # (4, N), one read
     return PairLogps(*(row.clone() for row in table))  # separate storages: safetensors saves each

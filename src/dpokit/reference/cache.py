@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 import dpokit
 from dpokit.atomic import publish_file
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.logprobs import LogpsFn, PairLogps, compute_logps, length_batches
+from dpokit.distributed import is_sharded
+from dpokit.logprobs import LogpsFn, PairLogps, compute_logps, length_batches, without_grad
 
 # Two (multiplier, offset) pairs: each tensor is summarised by two sums of its 32-bit words weighted by
 # (multiplier * position + offset), in int64 arithmetic that wraps modulo 2^64 — 128 bits in all.
@@ -53,7 +55,9 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     accelerator are fingerprinted where they live and read back once, since copying a 1B model to the host
     to hash it took seconds. The device kind is part of the key: the log-probs round differently there too.
     """
-    named = [(name, t) for name, t in sorted(model.state_dict().items()) if "lora_" not in name]
+    # A sharded model (FSDP2) is hashed whole, one gathered tensor at a time (a collective: every process
+    # calls this), so that its key is the unsharded model's.
+    named = [(name, whole(t)) for name, t in sorted(model.state_dict().items()) if "lora_" not in name]
     on_device = [tensor_fingerprint(t) for _, t in named if t.device.type != "cpu"]
     device_values = iter(
         torch.stack([v.to(on_device[0].device) for v in on_device]).tolist() if on_device else []
@@ -66,6 +70,11 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         elif tensor.numel():
             digest.update(tensor.detach().contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The full tensor of an FSDP2 shard (gathered from every process), any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def pairs_fingerprint(pairs: list[TokenizedPair]) -> str:
@@ -105,7 +114,7 @@ def spot_check_error(
 ) -> float | None:
     """None when the log-probs of `pairs[batch]` recomputed now agree with `cached` within `tolerance`,
     else the largest absolute difference in nats."""
-    with torch.inference_mode():
+    with without_grad(model):
         fresh = logps_fn(model, [pairs[i] for i in batch])
     atol, rtol = tolerance
     worst = 0.0
@@ -150,12 +159,21 @@ def cached_reference_logps(
     costs one batch of the pass it saves.
 
     accelerator: with several processes, the main process alone reads (and checks) the cache; on a miss each
-    process computes every num_processes-th pair (`_shared_reference_logps`) and the main process writes it.
+    process computes every num_processes-th batch (`_shared_reference_logps`) and the main process writes it.
+    A sharded model (FSDP2) computes nothing alone: every process runs each forward pass of the check, and
+    as many of the pass (`compute_logps`'s lockstep).
     """
     path = cache_dir / f"{cache_key(model, pairs, method)}.safetensors"
     shared = accelerator is not None and accelerator.num_processes > 1
     main = not shared or accelerator.is_main_process
-    cached = _trusted_cache(path, model, pairs, logps_fn, batch_size, max_tokens, tolerance) if main else None
+    if shared and is_sharded(model):
+        cached = _trusted_cache_together(
+            path, model, pairs, logps_fn, batch_size, max_tokens, tolerance, accelerator
+        )
+    else:
+        cached = (
+            _trusted_cache(path, model, pairs, logps_fn, batch_size, max_tokens, tolerance) if main else None
+        )
     if shared:
         logps, hit = _shared_reference_logps(
             model, pairs, logps_fn, cached, batch_size, desc, max_tokens, accelerator
@@ -199,6 +217,30 @@ def _trusted_cache(
     return None
 
 
+def _trusted_cache_together(
+    path: Path,
+    model: torch.nn.Module,
+    pairs: list[TokenizedPair],
+    logps_fn: LogpsFn,
+    batch_size: int,
+    max_tokens: int | None,
+    tolerance: tuple[float, float],
+    accelerator: Accelerator,
+) -> PairLogps | None:
+    """`_trusted_cache` for a sharded model: the main process reads and checks the cache, and the others run
+    the check's forward pass beside it (its result dropped), since each pass gathers every process's shards.
+    """
+    found = path.exists() if accelerator.is_main_process else False
+    if not accelerator.reduce(torch.tensor([float(found)], device=accelerator.device)).item():
+        return None
+    if accelerator.is_main_process:
+        return _trusted_cache(path, model, pairs, logps_fn, batch_size, max_tokens, tolerance)
+    first = length_batches(pairs, batch_size, max_tokens)[0]
+    with without_grad(model):
+        logps_fn(model, [pairs[i] for i in first])
+    return None
+
+
 def _shared_reference_logps(
     model: torch.nn.Module,
     pairs: list[TokenizedPair],
@@ -209,8 +251,9 @@ def _shared_reference_logps(
     max_tokens: int | None,
     accelerator: Accelerator,
 ) -> tuple[PairLogps, bool]:
-    """The reference pass split over processes, each pair computed by exactly one of them; returns the whole
-    table on every process and whether the main process's cache (`cached`) served it.
+    """The reference pass split over processes, each batch computed by exactly one of them (the batches one
+    process would make, so each pair's log-probs are the ones it would compute); returns the whole table on
+    every process and whether the main process's cache (`cached`) served it.
 
     Each process fills its columns of a zero (4, N) table and the tables are summed across processes: every
     column has a single non-zero contributor, so the sum is exact.
@@ -220,9 +263,9 @@ def _shared_reference_logps(
     if cached is not None:
         table = torch.stack(list(vars(cached).values()))
     elif not hit:
-        mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
-        part = compute_logps(model, [pairs[i] for i in mine], logps_fn, batch_size, desc, max_tokens)
-        table[:, mine] = torch.stack(list(vars(part).values()))
+        share = (accelerator.process_index, accelerator.num_processes, is_sharded(model))
+        part = compute_logps(model, pairs, logps_fn, batch_size, desc, max_tokens, share)
+        table = torch.stack(list(vars(part).values()))
     table = accelerator.reduce(table.to(accelerator.device), "sum").cpu()  # (4, N), the same on every process
     return PairLogps(*(row.clone() for row in table)), hit
 

@@ -35,6 +35,8 @@ def reference_pass(run: Run) -> None:
             f"packing={config.packing},share={config.share_prompt},chunk={config.logps_chunk_size},"
             f"precision={run.precision.name},compile={config.compile}"
         )
+        if run.engine.name == "fsdp2" and run.precision.mixed:
+            method += ",fsdp2-gathered"  # FSDP2 gathers the weights in the compute dtype, autocast does not
         tolerance = FP32_TOLERANCE if run.precision.compute_dtype == torch.float32 else AUTOCAST_TOLERANCE
         reference_logps = partial(
             cached_reference_logps,
