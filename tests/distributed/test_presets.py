@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from rich.console import Console
 
 from dpokit.distributed import PRESETS, Engine, preset_path, resolve_engine
 from dpokit.errors import DpokitError
+from dpokit.train.run import setup_run
+from tiny_models import STANDARD_ROWS, tiny_run_config, write_jsonl
 
 LAUNCHER_VARIABLES = (
     "WORLD_SIZE",
@@ -100,4 +103,19 @@ def test_misuse_is_one_line_naming_the_flag(monkeypatch, flag, environment, mess
         monkeypatch.setenv(name, value)
     with pytest.raises(DpokitError, match=message) as error:
         resolve_engine(flag)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "deepspeed-zero3"])
+def test_qlora_under_a_sharded_engine_is_refused_in_one_line(monkeypatch, tmp_path, tiny_model_dir, engine):
+    """QLoRA's 4-bit base is not sharded by dpokit: refused before any model is loaded, naming the field."""
+    if engine == "deepspeed-zero3":
+        pytest.importorskip("deepspeed")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # as under a launcher
+    data = write_jsonl(tmp_path / "pairs.jsonl", STANDARD_ROWS)
+    config = tiny_run_config(tmp_path, tiny_model_dir, data, use_lora=True, load_in_4bit=True)
+    with pytest.raises(
+        DpokitError, match="^load_in_4bit: QLoRA under (fsdp2|zero3) is not supported"
+    ) as error:
+        setup_run(config, Console(stderr=True), distributed=engine)
     assert "\n" not in str(error.value)

@@ -25,7 +25,6 @@ from dpokit.data.tokenize import TokenizedPair
 from dpokit.distributed import (
     Engine,
     fill_from_rank0,
-    is_sharded,
     make_accelerator,
     resolve_engine,
     shard_model,
@@ -167,14 +166,12 @@ def load_policy(
     A full fine-tune stores every weight in the trainable dtype; LoRA stores its frozen base in the frozen
     dtype, and peft keeps the adapters themselves in float32 (it upcasts bf16/fp16 adapter weights). A LoRA
     run whose `model` is a saved adapter (a run's final/) trains that adapter on; its base, with adapters
-    disabled, is the reference. Under FSDP2 it comes back sharded, read from disk by rank 0 alone, as
-    `loads_on_rank0` says.
+    disabled, is the reference. Under FSDP2 it comes back sharded, read from disk by rank 0 alone
+    (`shard_from_rank0`).
     """
     dtype = precision.frozen_dtype if config.use_lora else precision.trainable_dtype
     adapter_of = adapter_base(config.model) if config.use_lora else None
-    # LoRA without a reference model: the reference pass runs on this model, with its adapters disabled.
-    is_reference = config.use_lora and config.reference_model is None
-    from_rank0 = loads_on_rank0(config, engine, reference_pass_runs_on_it=is_reference)
+    from_rank0 = engine is not None and engine.name == "fsdp2"
     policy = load_model(
         adapter_of or config.model,
         dtype,
@@ -205,11 +202,11 @@ def load_reference(
     config: RunConfig, precision: Precision, device: torch.device, engine: Engine | None = None
 ) -> torch.nn.Module | None:
     """A separate frozen reference, when one is needed: a given `reference_model`, or a frozen copy of
-    `model` for full fine-tuning. LoRA runs use the base with adapters disabled (None here). Under FSDP2 in
-    live mode it comes back sharded, read from disk by rank 0 alone (`loads_on_rank0`)."""
+    `model` for full fine-tuning. LoRA runs use the base with adapters disabled (None here). Under FSDP2 it
+    comes back sharded, read from disk by rank 0 alone (`shard_from_rank0`), and never given to AdamW."""
     if config.resolved_reference_mode == "none" or (config.reference_model is None and config.use_lora):
         return None
-    from_rank0 = loads_on_rank0(config, engine, reference_pass_runs_on_it=True)
+    from_rank0 = engine is not None and engine.name == "fsdp2"
     reference = load_model(
         config.reference_model or config.model,
         precision.frozen_dtype,
@@ -220,21 +217,12 @@ def load_reference(
     return reference.eval().requires_grad_(False)
 
 
-def loads_on_rank0(config: RunConfig, engine: Engine | None, reference_pass_runs_on_it: bool) -> bool:
-    """Whether a model is read from disk by rank 0 alone and sharded as it loads: under FSDP2, except a
-    4-bit (QLoRA) base, which bitsandbytes quantises as it reads, and a model the precompute reference pass
-    runs on, since that pass computes each process's share of the pairs on a whole copy of its own (those
-    load on every process, and `setup_optimizer` shards them)."""
-    precomputed = reference_pass_runs_on_it and config.resolved_reference_mode == "precompute"
-    fsdp2 = engine is not None and engine.name == "fsdp2"
-    return fsdp2 and not config.load_in_4bit and not precomputed
-
-
 def shard_from_rank0(
     model: torch.nn.Module, engine: Engine, precision: Precision, device: torch.device
 ) -> torch.nn.Module:
     """Shard `model` (rank 0's loaded from disk, the others' built on the meta device) and fill every
-    shard from rank 0's weights. Rank 0 keeps its whole copy on the CPU until the last tensor is sent."""
+    shard from rank 0's weights. Rank 0 keeps its whole copy on the CPU until the last tensor is sent.
+    Sharded before the reference pass and AdamW: both run on the shards (AdamW's state is created as shards)."""
     full_state = model.state_dict() if torch.distributed.get_rank() == 0 else {}
     shard_model(model, engine, precision.compute_dtype if precision.mixed else None)
     fill_from_rank0(model, full_state, device, engine.offload)
@@ -254,6 +242,11 @@ def setup_run(
     """
     run_dir = Path(config.output_dir)
     engine = resolve_engine(distributed)
+    if engine.sharded and config.load_in_4bit:
+        raise DpokitError(
+            f"load_in_4bit: QLoRA under {engine.name} is not supported (its 4-bit weights are not sharded); "
+            "use ddp, where each process holds the 4-bit model"
+        )
     joined_before = torch.distributed.is_available() and torch.distributed.is_initialized()
     accelerator = make_accelerator(log_with=config.report_to or None, project_dir=str(run_dir))
     set_seed(config.seed)
@@ -315,13 +308,6 @@ def setup_optimizer(run: Run) -> None:
         )
     run.steps_per_epoch = len(run.data.train) // run.pairs_per_step
     run.total_steps = config.max_steps or run.steps_per_epoch * config.num_epochs
-    # Shard what loading left whole (`loads_on_rank0`) before AdamW is built, so its state is created as
-    # shards too; live mode's frozen reference is sharded too, never given to AdamW.
-    if run.engine.name == "fsdp2":
-        compute_dtype = run.precision.compute_dtype if run.precision.mixed else None
-        for model in (run.policy, run.reference):
-            if model is not None and not is_sharded(model):
-                shard_model(model, run.engine, compute_dtype)
     run.trainable = [p for p in run.policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         run.trainable, lr=config.resolved_learning_rate, weight_decay=config.weight_decay
