@@ -58,6 +58,17 @@ def accelerate_launch(processes: int, args: list[str], preset: str) -> list[str]
     return [*launcher, "--num_processes", str(processes), "-m", "dpokit.cli", "train", *args]
 
 
+def exit_worker() -> None:
+    """End a torchrun worker script at once, its output flushed, skipping the interpreter's finalization:
+    there, now and then, gloo's threads abort a process whose work is done ("terminate called without an
+    active exception", with destroy_process_group or without; seen in 4 of about 45 runs of
+    reference_worker.py on 2 busy cores; pytorch/pytorch#179291 describes the race). Call it after a
+    barrier, so that no process leaves while another still needs it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def environment() -> dict[str, str]:
     # One thread per process: two processes on a small CI machine would otherwise fight over its cores.
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -134,6 +145,21 @@ def assert_same_training(got: Path, expected: Path, atol: float = 1e-6) -> None:
     assert final.keys() == reference.keys()
     for name in final:
         assert_close(final[name], reference[name], atol=atol, rtol=0)
+
+
+def update_difference(got: Path, expected: Path, start: Path) -> float:
+    """|u - v| / |v| for the whole weight updates u and v (final/ minus the model at `start`) of runs `got`
+    and `expected`, after checking both final/ hold the same float32 weights. Under bf16, AdamW moves weights
+    whose gradient is near zero by about lr either way, so single weights differ by up to 2 lr; the whole
+    update is what agrees."""
+    initial = load_file(str(start / "model.safetensors"))
+    final = load_file(str(got / "final" / "model.safetensors"))
+    reference = load_file(str(expected / "final" / "model.safetensors"))
+    assert final.keys() == reference.keys() and {w.dtype for w in final.values()} == {torch.float32}
+    update = torch.cat([(final[n] - initial[n]).flatten() for n in sorted(final)])
+    wanted = torch.cat([(reference[n] - initial[n]).flatten() for n in sorted(final)])
+    assert wanted.norm() > 0, "the expected run did not train"
+    return float((update - wanted).norm() / wanted.norm())
 
 
 LORA_LIVE = [

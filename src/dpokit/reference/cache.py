@@ -166,14 +166,10 @@ def cached_reference_logps(
     path = cache_dir / f"{cache_key(model, pairs, method)}.safetensors"
     shared = accelerator is not None and accelerator.num_processes > 1
     main = not shared or accelerator.is_main_process
-    if shared and is_sharded(model):
-        cached = _trusted_cache_together(
-            path, model, pairs, logps_fn, batch_size, max_tokens, tolerance, accelerator
-        )
-    else:
-        cached = (
-            _trusted_cache(path, model, pairs, logps_fn, batch_size, max_tokens, tolerance) if main else None
-        )
+    together = accelerator if shared and is_sharded(model) else None
+    cached = None
+    if main or together is not None:
+        cached = _trusted_cache(path, model, pairs, logps_fn, batch_size, max_tokens, tolerance, together)
     if shared:
         logps, hit = _shared_reference_logps(
             model, pairs, logps_fn, cached, batch_size, desc, max_tokens, accelerator
@@ -195,15 +191,29 @@ def _trusted_cache(
     batch_size: int,
     max_tokens: int | None,
     tolerance: tuple[float, float],
+    together: Accelerator | None = None,
 ) -> PairLogps | None:
-    """The cached log-probs at `path` when they exist and their first batch recomputes within `tolerance`."""
-    if not path.exists():
+    """The cached log-probs at `path` when they exist and their first batch recomputes within `tolerance`.
+
+    together: the processes of a sharded model, which all call this: the main process reads and checks the
+    cache, and the others run the check's forward pass beside it (its result dropped), since each pass
+    gathers every process's shards. None: this process alone.
+    """
+    main = together is None or together.is_main_process
+    found = main and path.exists()
+    if together is not None:
+        found = bool(together.reduce(torch.tensor([float(found)], device=together.device)).item())
+    if not found:
+        return None
+    first = length_batches(pairs, batch_size, max_tokens)[0]
+    if not main:
+        with without_grad(model):
+            logps_fn(model, [pairs[i] for i in first])
         return None
     tensors = load_file(path)
     cached = PairLogps(
         tensors["chosen"], tensors["rejected"], tensors["chosen_lengths"], tensors["rejected_lengths"]
     )
-    first = length_batches(pairs, batch_size, max_tokens)[0]
     error = spot_check_error(model, pairs, logps_fn, first, cached, tolerance)
     if error is None:
         return cached
@@ -214,30 +224,6 @@ def _trusted_cache(
         UserWarning,
         stacklevel=3,
     )
-    return None
-
-
-def _trusted_cache_together(
-    path: Path,
-    model: torch.nn.Module,
-    pairs: list[TokenizedPair],
-    logps_fn: LogpsFn,
-    batch_size: int,
-    max_tokens: int | None,
-    tolerance: tuple[float, float],
-    accelerator: Accelerator,
-) -> PairLogps | None:
-    """`_trusted_cache` for a sharded model: the main process reads and checks the cache, and the others run
-    the check's forward pass beside it (its result dropped), since each pass gathers every process's shards.
-    """
-    found = path.exists() if accelerator.is_main_process else False
-    if not accelerator.reduce(torch.tensor([float(found)], device=accelerator.device)).item():
-        return None
-    if accelerator.is_main_process:
-        return _trusted_cache(path, model, pairs, logps_fn, batch_size, max_tokens, tolerance)
-    first = length_batches(pairs, batch_size, max_tokens)[0]
-    with without_grad(model):
-        logps_fn(model, [pairs[i] for i in first])
     return None
 
 
