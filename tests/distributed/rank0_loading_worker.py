@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from launching import exit_worker
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import PreTrainedModel
@@ -75,6 +76,7 @@ def main(out: str, *settings: str) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(out) / f"rank-{rank}.safetensors"))
     tied = {prefix: ties_embeddings(model) for prefix, model in models.items()}
     (Path(out) / f"rank-{rank}.json").write_text(json.dumps({"read": read, "on_meta": on_meta, "tied": tied}))
+    accelerator.wait_for_everyone()
 
 
 def ties_embeddings(model: torch.nn.Module) -> bool:
@@ -85,3 +87,4 @@ def ties_embeddings(model: torch.nn.Module) -> bool:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_worker()

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from launching import exit_worker
+
 from dpokit.data.prepare import load_pairs
 from dpokit.distributed import Engine, make_accelerator, shard_model
 from dpokit.logprobs import padded_pair_logps
@@ -46,7 +48,9 @@ def main(
             "table": [t.tolist() for t in vars(logps).values()],
         }
     Path(out, f"rank-{accelerator.process_index}.json").write_text(json.dumps(record))
+    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_worker()

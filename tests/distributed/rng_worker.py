@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import gather_object
+from launching import exit_worker
 
 from dpokit.distributed import make_accelerator
 from dpokit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -54,7 +55,9 @@ def main(out: str) -> None:
     Path(out, f"rank-{rank}.json").write_text(
         json.dumps({"uninterrupted": uninterrupted, "resumed": resumed})
     )
+    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_worker()
