@@ -166,18 +166,16 @@ def load_policy(
     A full fine-tune stores every weight in the trainable dtype; LoRA stores its frozen base in the frozen
     dtype, and peft keeps the adapters themselves in float32 (it upcasts bf16/fp16 adapter weights). A LoRA
     run whose `model` is a saved adapter (a run's final/) trains that adapter on; its base, with adapters
-    disabled, is the reference. Under FSDP2 it comes back sharded, read from disk by rank 0 alone
-    (`shard_from_rank0`).
+    disabled, is the reference. Under FSDP2 it comes back sharded, read from disk by rank 0 alone (`place`).
     """
     dtype = precision.frozen_dtype if config.use_lora else precision.trainable_dtype
     adapter_of = adapter_base(config.model) if config.use_lora else None
-    from_rank0 = engine is not None and engine.name == "fsdp2"
     policy = load_model(
         adapter_of or config.model,
         dtype,
         config.trust_remote_code,
         config.load_in_4bit,
-        on_meta=from_rank0 and torch.distributed.get_rank() != 0,
+        on_meta=loads_from_rank0(engine) and torch.distributed.get_rank() != 0,
     )
     if config.gradient_checkpointing:
         enable_checkpointing(policy)  # the backward's reruns keep packed rows on their attention kernel
@@ -195,7 +193,7 @@ def load_policy(
         )
     if config.compile:
         compile_layers(policy)  # after LoRA: changing a compiled layer would recompile it
-    return shard_from_rank0(policy, engine, precision, device) if from_rank0 else policy.to(device)
+    return place(policy, engine, precision, device)
 
 
 def load_reference(
@@ -203,26 +201,32 @@ def load_reference(
 ) -> torch.nn.Module | None:
     """A separate frozen reference, when one is needed: a given `reference_model`, or a frozen copy of
     `model` for full fine-tuning. LoRA runs use the base with adapters disabled (None here). Under FSDP2 it
-    comes back sharded, read from disk by rank 0 alone (`shard_from_rank0`), and never given to AdamW."""
+    comes back sharded, read from disk by rank 0 alone (`place`), and never given to AdamW."""
     if config.resolved_reference_mode == "none" or (config.reference_model is None and config.use_lora):
         return None
-    from_rank0 = engine is not None and engine.name == "fsdp2"
     reference = load_model(
         config.reference_model or config.model,
         precision.frozen_dtype,
         config.trust_remote_code,
-        on_meta=from_rank0 and torch.distributed.get_rank() != 0,
+        on_meta=loads_from_rank0(engine) and torch.distributed.get_rank() != 0,
     )
-    reference = shard_from_rank0(reference, engine, precision, device) if from_rank0 else reference.to(device)
-    return reference.eval().requires_grad_(False)
+    return place(reference, engine, precision, device).eval().requires_grad_(False)
 
 
-def shard_from_rank0(
-    model: torch.nn.Module, engine: Engine, precision: Precision, device: torch.device
+def loads_from_rank0(engine: Engine | None) -> bool:
+    """Under FSDP2 only rank 0 reads a model from disk; the other processes build it on the meta device."""
+    return engine is not None and engine.name == "fsdp2"
+
+
+def place(
+    model: torch.nn.Module, engine: Engine | None, precision: Precision, device: torch.device
 ) -> torch.nn.Module:
-    """Shard `model` (rank 0's loaded from disk, the others' built on the meta device) and fill every
-    shard from rank 0's weights. Rank 0 keeps its whole copy on the CPU until the last tensor is sent.
-    Sharded before the reference pass and AdamW: both run on the shards (AdamW's state is created as shards)."""
+    """`model` on this process's device; under FSDP2 sharded, every shard filled from rank 0's weights (rank
+    0's model was loaded from disk, the others' built on the meta device). Rank 0 keeps its whole copy on
+    the CPU until the last tensor is sent. Sharded before the reference pass and AdamW: both run on the
+    shards (AdamW's state is created as shards)."""
+    if not loads_from_rank0(engine):
+        return model.to(device)
     full_state = model.state_dict() if torch.distributed.get_rank() == 0 else {}
     shard_model(model, engine, precision.compute_dtype if precision.mixed else None)
     fill_from_rank0(model, full_state, device, engine.offload)
