@@ -39,6 +39,11 @@ def judge_module(monkeypatch) -> str:
         [None, math.nan, "oops"][i % 3] if "?" in a else 1.0 for i, a in enumerate(answers)
     ]
     module.short = lambda prompts, answers: [1.0]
+
+    def broken(prompts, answers):
+        raise ValueError("no score\nfor this")
+
+    module.broken = broken
     monkeypatch.setitem(sys.modules, "my_judges", module)
     return "my_judges"
 
@@ -65,6 +70,12 @@ def test_bad_judge_specs_are_one_line_errors(judge_module: str) -> None:
             build_judge(spec, CPU)
     with pytest.raises(DpokitError, match="returned 1 scores for 2 answers"):
         build_judge(f"python:{judge_module}:short", CPU).score(["p", "p"], ["a", "b"])
+    # A judge that raises stops the round in one line naming it (not a traceback); nothing is scored.
+    with pytest.raises(
+        DpokitError, match="judge python:my_judges:broken: raised ValueError: no score for this"
+    ) as error:
+        build_judge(f"python:{judge_module}:broken", CPU).score(["p"], ["a"])
+    assert "\n" not in str(error.value)
 
 
 def test_reward_model_judge_batches_like_one_at_a_time(tmp_path, tiny_tokenizer) -> None:

@@ -49,7 +49,11 @@ class FunctionJudge:
     name: str
 
     def score(self, prompts: Sequence[Text], answers: Sequence[str]) -> list[Score]:
-        raw = list(self.function(prompts, answers))
+        try:
+            raw = list(self.function(prompts, answers))
+        except Exception as error:  # the user's code: one line, and --resume judges the round again
+            message = " ".join(str(error).split())
+            raise DpokitError(f"judge {self.name}: raised {type(error).__name__}: {message}") from None
         if len(raw) != len(answers):
             raise DpokitError(f"judge {self.name}: returned {len(raw)} scores for {len(answers)} answers")
         return [clean_score(value) for value in raw]
