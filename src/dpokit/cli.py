@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -35,6 +36,10 @@ console = Console(stderr=True)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from dpokit.distributed import first_process
+
+    if not first_process():  # under a launcher every process meets the same warnings: show them once
+        return
     console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
@@ -44,12 +49,23 @@ def _fail(error: DpokitError) -> None:
     raise typer.Exit(2)
 
 
+def _done(result: str) -> None:
+    from dpokit.distributed import first_process
+
+    if first_process():
+        console.print(f"done: {result}")
+
+
 @app.callback()
 def main() -> None:
     # bitsandbytes (imported by peft) logs that an optional CPU kernel package is missing; it is optional.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if os.environ.get("RANK", "0") != "0":  # a launched run's other processes: the first one shows progress
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 @app.command()
@@ -125,7 +141,7 @@ def train(
         )
     except DpokitError as error:
         _fail(error)
-    console.print(f"done: {run_dir}/final")
+    _done(f"{run_dir}/final")
 
 
 @app.command()
@@ -295,7 +311,7 @@ def iterate(
         )
     except DpokitError as error:
         _fail(error)
-    console.print(f"done: {run_dir}/rounds.jsonl")
+    _done(f"{run_dir}/rounds.jsonl")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from tqdm import tqdm
 
 from dpokit.errors import DpokitError
 
@@ -54,6 +55,20 @@ class Engine:
 def world_size() -> int:
     """Processes in this run, as the launcher (torchrun, accelerate launch) announced them."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def first_process() -> bool:
+    """Whether this is the first process of a launched run, or the only process: it alone shows warnings and
+    progress bars, which every process would otherwise print once each (8 copies on 8 GPUs). Read from the
+    launcher's RANK before the process group exists."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
+    """A tqdm progress bar, shown by the first process only."""
+    return tqdm(iterable, disable=not first_process(), **kwargs)
 
 
 def preset_path(name: str) -> Path:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
 
 from dpokit.data.tokenize import TokenizedPair
+from dpokit.distributed import progress
 from dpokit.logprobs import LogpsFn, PairLogps, select
 from dpokit.losses import LOSSES, LossParams
 from dpokit.pair_stats import PairStats
@@ -25,7 +25,7 @@ def evaluate_pairs(
     was_training = policy.training
     policy.eval()
     with torch.no_grad():
-        for start in tqdm(range(0, len(pairs), batch_size), desc="evaluating", unit="batch", leave=False):
+        for start in progress(range(0, len(pairs), batch_size), desc="evaluating", unit="batch", leave=False):
             index = list(range(start, min(start + batch_size, len(pairs))))
             out = logps_fn(policy, [pairs[i] for i in index])
             out = PairLogps(

@@ -7,11 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from dpokit.data.batching import pad_pairs, token_batches
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.distributed import is_sharded
+from dpokit.distributed import is_sharded, progress
 
 
 @dataclass
@@ -120,7 +119,7 @@ def compute_logps(
         passes = -(-len(batches) // count) if lockstep else len(mine)
     results = []
     with without_grad(model):
-        for step in tqdm(range(passes), desc=desc, unit="batch", leave=False):
+        for step in progress(range(passes), desc=desc, unit="batch", leave=False):
             out = logps_fn(model, [pairs[i] for i in (mine[step] if step < len(mine) else batches[0])])
             if step < len(mine):
                 results.append(torch.stack([t.float() for t in vars(out).values()]))  # (4, B)

@@ -26,7 +26,9 @@ def test_ddp_under_accelerate_launch_with_the_shipped_preset_equals_one_process(
     """Each process takes half of every step's 8 pairs; gradients are weighted so that DDP's average over
     processes equals the 1-process mean over all 8: the same losses step after step, the same weights."""
     out = tmp_path / "ddp"
-    run(accelerate_launch(2, settings(tiny_model_dir, pairs_file, out), "ddp"), out)
+    stderr = run(accelerate_launch(2, settings(tiny_model_dir, pairs_file, out), "ddp"), out)
+    assert stderr.count("learning_rate = 0.0001 is above the recommended range") == 1  # the first process's
+    assert stderr.count("done: ") == 1
     assert len(train_losses(one_process)) == 4
     assert train_losses(one_process)[-1] < train_losses(one_process)[0]
     assert_same_training(out, one_process)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import yaml
 from rich.console import Console
+from transformers.utils import logging as transformers_logging
+from typer.testing import CliRunner
 
-from dpokit.distributed import PRESETS, Engine, preset_path, resolve_engine
+from dpokit.cli import app
+from dpokit.distributed import PRESETS, Engine, first_process, preset_path, progress, resolve_engine
 from dpokit.errors import DpokitError
 from dpokit.train.run import setup_run
 from tiny_models import STANDARD_ROWS, tiny_run_config, write_jsonl
@@ -119,3 +122,29 @@ def test_qlora_under_a_sharded_engine_is_refused_in_one_line(monkeypatch, tmp_pa
     ) as error:
         setup_run(config, Console(stderr=True), distributed=engine)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("rank, shown", [("0", True), ("1", False)])
+def test_only_the_first_process_shows_warnings_and_progress_bars(monkeypatch, rank, shown):
+    """Every process of a launched run meets the same warnings and runs the same loops; 8 GPUs would print
+    each warning and bar 8 times. The launcher's RANK decides, before any process group exists."""
+    monkeypatch.setenv("RANK", rank)
+    assert first_process() is shown
+    assert progress(range(3)).disable is not shown
+    try:
+        result = CliRunner().invoke(
+            app,
+            [
+                "train",
+                "use_lora=false",
+                "learning_rate=1e-4",
+                "allow_risky_hyperparameters=true",
+                "--print-config",
+            ],
+        )
+        assert transformers_logging.is_progress_bar_enabled() is shown
+    finally:
+        transformers_logging.enable_progress_bar()
+    assert result.exit_code == 0, result.output
+    assert ("learning_rate = 0.0001 is above the recommended range" in result.output) is shown
+    assert yaml.safe_load(result.stdout[result.stdout.index("model:") :])["learning_rate"] == 1e-4

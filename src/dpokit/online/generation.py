@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from tqdm import tqdm
 from transformers import (
     DynamicCache,
     LogitsProcessor,
@@ -25,6 +24,7 @@ from transformers.generation import utils as generation_utils
 
 from dpokit.data.rows import Text
 from dpokit.data.tokenize import _encode
+from dpokit.distributed import progress
 
 # The KV-cache argument of forward and generate: `cache` in recent transformers (`past_key_values` there warns
 # that it is deprecated), `past_key_values` in older ones.
@@ -106,7 +106,7 @@ class TransformersBackend:
         torch.manual_seed(seed)
         self.model.eval()
         answers: list[list[Answer]] = []
-        for start in tqdm(
+        for start in progress(
             range(0, len(prompts), self.batch_size), desc="generating", unit="batch", leave=False
         ):
             answers += self._batch(prompts[start : start + self.batch_size], k, sampling)

@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from dpokit.data.rows import Text
+from dpokit.distributed import progress
 from dpokit.errors import DpokitError
 from dpokit.online.config import OpenAIBackendConfig
 from dpokit.online.generation import Answer, Sampling, prompt_ids
@@ -74,7 +74,7 @@ class OpenAIBackend:
         pool = ThreadPoolExecutor(max_workers=self.config.concurrency)
         try:
             answers = list(
-                tqdm(pool.map(self._answer, bodies), total=len(bodies), desc="generating", leave=False)
+                progress(pool.map(self._answer, bodies), total=len(bodies), desc="generating", leave=False)
             )
         finally:  # after a failed request, the queued ones are dropped rather than sent to a failing server
             pool.shutdown(cancel_futures=True)
