@@ -33,7 +33,14 @@ from dpokit.atomic import write_atomic
 from dpokit.data.rows import Text
 from dpokit.distributed import resolve_engine
 from dpokit.errors import DpokitError
-from dpokit.models.loading import is_peft, load_adapter, load_model, load_tokenizer, reference_context
+from dpokit.models.loading import (
+    adapter_base,
+    is_peft,
+    load_adapter,
+    load_model,
+    load_tokenizer,
+    reference_context,
+)
 from dpokit.online.backends import check_backend, open_backend
 from dpokit.online.config import IterateConfig
 from dpokit.online.evaluation import judge_held_out, kl_estimate, summarize
@@ -48,6 +55,11 @@ from dpokit.train.output import save_final
 # Generation batch b is seeded seed + b * BATCH_SEED_STRIDE: its answers depend on its own prompts and seed
 # only, whichever process draws it, and no two batches of a run (seed + round) share a seed.
 BATCH_SEED_STRIDE = 1 << 20
+
+# report.json's note when hard_negative_fraction is set but no margin can rank the pairs: every pair is kept.
+MINING_SKIPPED = (
+    "the policy is its own reference in round 1 (every implicit-reward margin is 0); all pairs kept"
+)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -194,11 +206,14 @@ def pair_stage(loop: Loop, n: int) -> None:
         pairs.append(
             {**row, "score_chosen": record["scores"][chosen], "score_rejected": record["scores"][rejected]}
         )
+    mining_skipped = False
     if config.hard_negative_fraction is not None and pairs:
         margins = pair_margins(loop, n, pairs)
-        keep = hard_negatives(margins, config.hard_negative_fraction)
-        dropped[DROP_MINING] = len(pairs) - len(keep)
-        pairs = [{**pairs[i], "margin": margins[i].item()} for i in keep]
+        mining_skipped = margins is None
+        if margins is not None:
+            keep = hard_negatives(margins, config.hard_negative_fraction)
+            dropped[DROP_MINING] = len(pairs) - len(keep)
+            pairs = [{**pairs[i], "margin": margins[i].item()} for i in keep]
     report = {
         "round": n,
         "prompts": len(samples),
@@ -207,11 +222,14 @@ def pair_stage(loop: Loop, n: int) -> None:
         "pairs": len(pairs),
         "dropped": dropped,
     }
+    if mining_skipped:
+        report["mining_skipped"] = MINING_SKIPPED
     write_atomic(directory / "report.json", json.dumps(report, indent=2))
     loop.console.print(
         f"round {n}: {len(pairs)} of {len(samples)} prompts gave a pair; dropped "
         + ", ".join(f"{count} {reason}" for reason, count in dropped.items())
         + f"; {report['judge_failed_answers']} answers the judge failed on"
+        + (f"; hard-negative mining skipped: {MINING_SKIPPED}" if mining_skipped else "")
     )
     if len(pairs) < config.min_pairs:
         raise DpokitError(
@@ -222,15 +240,22 @@ def pair_stage(loop: Loop, n: int) -> None:
 
 
 def pair_margins(loop: Loop, n: int, pairs: list[dict]):
-    """Implicit-reward margins (N,) of the pairs under the policy of round n-1 against round n's reference."""
+    """Implicit-reward margins (N,) of the pairs under the policy of round n-1, against the reference that
+    policy was trained with: beta * log(pi / ref) is the reward it learned (Rafailov et al. 2023, eq. 5).
+
+    That reference is the starting model (or train.reference_model) under `reference: initial`, and round
+    n-2's policy under `previous` (round n's own reference, the policy itself, would make every margin 0).
+    None when the policy is its own reference (round 1 without a train.reference_model): no margin to rank.
+    """
+    config = loop.config
+    reference_name = loop.policy(n - 2) if config.reference == "previous" and n >= 2 else loop.reference(n)
+    if reference_name is None and adapter_base(loop.policy(n - 1)) is None:
+        return None
     rows = [{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in pairs]
-    batch = loop.config.generation_batch_size
-    policy = load_frozen(loop.policy(n - 1), loop.config.train)
-    reference_name = loop.reference(n)
-    if reference_name is not None:
-        reference = load_frozen(reference_name, loop.config.train)
-    else:  # the policy itself: adapters disabled, or as it is when it has none (all margins 0)
-        reference = None if is_peft(policy) else policy
+    batch = config.generation_batch_size
+    policy = load_frozen(loop.policy(n - 1), config.train)
+    # None: the policy's base with its LoRA adapters disabled (reference_context).
+    reference = None if reference_name is None else load_frozen(reference_name, config.train)
     policy_logps = row_logps(policy, loop.tokenizer, rows, batch)
     with reference_context(policy, reference) as model:
         reference_logps = row_logps(model, loop.tokenizer, rows, batch)
