@@ -15,6 +15,7 @@ the process group accelerate made.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,10 +129,11 @@ def resolve_engine(distributed: str | None) -> Engine:
     else:
         engine = Engine("ddp" if world_size() > 1 else "single")
     if engine.sharded and "LOCAL_RANK" not in os.environ:
-        flag = "fsdp2" if engine.name == "fsdp2" else "deepspeed-zero3"
+        flag = distributed or {"fsdp2": "fsdp2", "zero3": "deepspeed-zero3"}[engine.name]
+        command = next((word for word in sys.argv[1:2] if word in ("train", "iterate")), "train")
         raise DpokitError(
             f"--distributed: {flag} needs a launcher, even for one process: "
-            f"torchrun --nproc-per-node N -m dpokit.cli train ... --distributed {flag}"
+            f"torchrun --nproc-per-node N -m dpokit.cli {command} ... --distributed {flag}"
         )
     if engine.name == "single" and world_size() > 1:
         raise DpokitError(

@@ -93,6 +93,7 @@ def test_one_process_without_a_launcher_is_single():
         ("zero9", {}, "unknown preset 'zero9'"),
         ("missing.yaml", {}, "missing.yaml does not exist"),
         ("fsdp2", {}, "fsdp2 needs a launcher"),
+        ("fsdp2-offload", {}, "^--distributed: fsdp2-offload needs a launcher"),
         ("single", {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "'single' runs one process"),
         (
             None,
