@@ -94,6 +94,52 @@ def test_bad_row_is_named_by_index_and_field(tiny_model_dir, tmp_path):
         dpokit.train(config, train_data=[ROWS[0], conversational], quiet=True)
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        pytest.param(
+            datasets.DatasetDict(train=datasets.Dataset.from_list(ROWS)),
+            r"^train_data: got a mapping \(keys train\), not rows; pass one split of a DatasetDict",
+            id="dataset-dict",
+        ),
+        pytest.param(
+            {"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]},
+            r"^train_data: got a mapping \(keys prompt, chosen, rejected\), not rows",
+            id="columns",
+        ),
+        pytest.param(3, r"^train_data: expected a path, .* got int$", id="number"),
+    ],
+)
+def test_data_that_is_not_rows_is_named(data, message, tiny_model_dir, tmp_path):
+    """A DatasetDict or a dict of columns would iterate as its keys (`row 0: ... got str`): named instead."""
+    config = make_config(tmp_path, tiny_model_dir, "unused.jsonl")
+    with pytest.raises(dpokit.DpokitError, match=message):
+        dpokit.train(config, train_data=data, quiet=True)
+    with pytest.raises(dpokit.DpokitError, match=r"^config: expected a dpokit.RunConfig, got dict"):
+        dpokit.train({"model": str(tiny_model_dir)}, train_data=ROWS, quiet=True)
+
+
+@pytest.mark.parametrize(
+    "as_data",
+    [
+        pytest.param(lambda path: path, id="path"),
+        pytest.param(lambda path: datasets.Dataset.from_list(ROWS), id="dataset"),
+        pytest.param(lambda path: pd.DataFrame(ROWS), id="dataframe"),
+    ],
+)
+def test_load_pairs_takes_what_train_takes(as_data, tiny_tokenizer, tmp_path):
+    """`dpokit.load_pairs` on a Path, a Dataset or a DataFrame: the token ids and the report of the same rows
+    read from a str path (at max_length 12 some rows are truncated and some prompts dropped)."""
+    path = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    expected, expected_report = dpokit.load_pairs(str(path), tiny_tokenizer, 12)
+    pairs, report = dpokit.load_pairs(as_data(path), tiny_tokenizer, 12)
+    ids = [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
+    assert ids == [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in expected]
+    counts = (report.rows, report.dropped_long_prompts, report.truncated)
+    assert counts == (expected_report.rows, expected_report.dropped_long_prompts, expected_report.truncated)
+    assert report.dropped_long_prompts > 0 and report.truncated > 0
+
+
 def test_evaluate_equals_trl(tiny_model_dir, tiny_reference_dir, tmp_path):
     """`dpokit.evaluate` on rows in memory gives TRL's `evaluate()` metrics within 1e-4."""
     path = write_jsonl(tmp_path / "pairs.jsonl", ROWS)

@@ -16,9 +16,8 @@ The public API (everything else is private and may change):
 # `import dpokit.train.loop` finds the module in sys.modules and leaves the name alone.
 import dpokit.evaluate as _evaluate_module  # noqa: F401
 import dpokit.train as _train_package  # noqa: F401
-from dpokit.api import IterateResult, TrainResult, audit, doctor, evaluate, iterate, train
+from dpokit.api import IterateResult, TrainResult, audit, doctor, evaluate, iterate, load_pairs, train
 from dpokit.config import RunConfig
-from dpokit.data.prepare import load_pairs
 from dpokit.diagnostics.findings import Finding
 from dpokit.errors import DpokitError
 from dpokit.logprobs import PairLogps

@@ -13,16 +13,18 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from transformers import PreTrainedTokenizerBase
 
 from dpokit.config import RunConfig
-from dpokit.data.prepare import Rows
+from dpokit.data.prepare import DataReport, Rows
+from dpokit.data.tokenize import TokenizedPair
 from dpokit.diagnostics.findings import Finding
 from dpokit.errors import DpokitError
 from dpokit.online.config import IterateConfig
@@ -43,15 +45,26 @@ class TrainResult:
     findings: list[Finding]  # what `dpokit doctor` finds in the run, worst first
 
 
-def as_rows(data: Data) -> str | Rows:
-    """A path as a string, or the rows of a list of dicts, a `datasets.Dataset` or a pandas DataFrame."""
+def as_rows(data: Data, name: str) -> str | Rows:
+    """A path as a string, or the rows of a list of dicts, a `datasets.Dataset` or a pandas DataFrame; other
+    values (a DatasetDict, a dict of columns, a number) raise DpokitError naming `name`."""
     if isinstance(data, (str, os.PathLike)):
-        return str(data)
+        return os.fspath(data)
     if hasattr(data, "iloc"):  # a pandas DataFrame; cells read from Parquet hold numpy arrays of messages
         records = data.to_dict(orient="records")
         return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in row.items()} for row in records]
     if hasattr(data, "to_list"):  # a datasets.Dataset
         return data.to_list()
+    if isinstance(data, Mapping):  # iterating it would give its keys as rows
+        raise DpokitError(
+            f"{name}: got a mapping (keys {', '.join(map(str, data))}), not rows; pass one split of a DatasetDict "
+            "(data['train']), or Dataset.from_dict(columns)"
+        )
+    if not isinstance(data, Iterable):
+        raise DpokitError(
+            f"{name}: expected a path, a list of row dicts, a datasets.Dataset or a pandas DataFrame, got "
+            f"{type(data).__name__}"
+        )
     return list(data)
 
 
@@ -96,7 +109,12 @@ def train(
     from dpokit.train.loop import train as run_training
 
     sources = {"train_data": train_data, "eval_data": eval_data}
-    rows = {name: as_rows(data) for name, data in sources.items() if data is not None}
+    if not isinstance(config, RunConfig):
+        raise DpokitError(
+            f"config: expected a dpokit.RunConfig, got {type(config).__name__} (build one with "
+            "dpokit.RunConfig(**fields) or dpokit.RunConfig.from_trl(dpo_config))"
+        )
+    rows = {name: as_rows(data, name) for name, data in sources.items() if data is not None}
     paths = {name: value for name, value in rows.items() if isinstance(value, str)}
     in_memory = {name: value for name, value in rows.items() if not isinstance(value, str)}
     config = config.model_copy(update={**paths, **dict.fromkeys(in_memory, IN_MEMORY)})
@@ -185,7 +203,7 @@ def evaluate(
         return eval_command(
             str(policy),
             None if reference is None else str(reference),
-            as_rows(data),
+            as_rows(data, "data"),
             loss_type,
             beta,
             label_smoothing,
@@ -193,6 +211,22 @@ def evaluate(
             batch_size,
             None,
         )
+
+
+def load_pairs(
+    data: Data, tokenizer: PreTrainedTokenizerBase, max_length: int = 1024, name: str = "data"
+) -> tuple[list[TokenizedPair], DataReport]:
+    """Tokenized pairs as training sees them (TRL 1.16's tokenization, `keep_start` truncation at
+    `max_length`), with a report of the rows skipped, dropped or truncated. The data is a path or rows held
+    in memory, as for `train`; errors name a bad row as `name row 3`, counted from 0.
+
+    >>> tokenizer = transformers.AutoTokenizer.from_pretrained("./sft-model")
+    >>> pairs, report = dpokit.load_pairs([{"prompt": "Hi", "chosen": " hello", "rejected": " go"}], tokenizer)
+    >>> len(pairs[0].chosen_ids), report.truncated
+    """
+    from dpokit.data.prepare import load_pairs as load
+
+    return load(as_rows(data, name), tokenizer, max_length, name)
 
 
 def audit(data: Data, model: str | None = None, max_length: int = 1024) -> list[Finding]:
@@ -205,7 +239,7 @@ def audit(data: Data, model: str | None = None, max_length: int = 1024) -> list[
     """
     from dpokit.diagnostics.audit import audit_dataset
 
-    return audit_dataset(as_rows(data), model, max_length)[1]
+    return audit_dataset(as_rows(data, "data"), model, max_length)[1]
 
 
 def doctor(run_dir: str | os.PathLike) -> list[Finding]:
