@@ -4,6 +4,8 @@ the same numbers, or a one-line error naming the field dpokit cannot honour."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 
 import pytest
 import yaml
@@ -14,7 +16,7 @@ from typer.testing import CliRunner
 
 import dpokit
 from dpokit.cli import app
-from dpokit.trl_config import TRL_DEFAULTS
+from dpokit.trl_config import TRL_DEFAULTS, TRL_IGNORED
 from test_eval_trl_parity import METRICS, STANDARD_PAIRS
 from tiny_models import write_jsonl
 
@@ -32,6 +34,15 @@ def test_defaults_are_trl_1_16s():
     }
     for name, value in TRL_DEFAULTS.items():
         assert defaults[name] == value, name
+
+
+def test_every_dpo_config_field_is_classified():
+    """Each DPOConfig field is read (mapped or checked) or known not to change the numbers, so a name in
+    neither list is no DPOConfig field and gets a warning of its own."""
+    names = {f.name for f in dataclasses.fields(DPOConfig)}
+    alias = {"activation_checkpointing"}  # read as gradient_checkpointing
+    assert set(TRL_DEFAULTS) | TRL_IGNORED | alias == names
+    assert not set(TRL_DEFAULTS) & TRL_IGNORED
 
 
 def test_fields_map(tmp_path):
@@ -96,11 +107,41 @@ def test_fields_map(tmp_path):
         ({"optim": "adafactor"}, r"^field 'optim': 'adafactor' is not supported"),
         ({"num_train_epochs": 1.5}, r"^field 'num_train_epochs': 1.5"),
         ({"warmup_steps": 10}, r"^field 'warmup_steps': 10 steps"),
+        ({"warmup_steps": 11, "max_steps": 10}, r"^field 'warmup_steps': 11 steps is more than max_steps 10"),
+        ({"data_seed": 3}, r"^field 'data_seed': 3 is not supported"),
+        ({"router_aux_loss_coef": 0.01}, r"^field 'router_aux_loss_coef': 0.01 is not supported"),
+        (
+            {"train_sampling_strategy": "group_by_length"},
+            r"^field 'train_sampling_strategy': 'group_by_length'",
+        ),
+        ({"model_init_kwargs": {"dtype": "bfloat16"}}, r"^field 'model_init_kwargs': dtype bfloat16"),
     ],
 )
 def test_unsupported_fields_fail_naming_the_field(fields, message):
     with pytest.raises(dpokit.DpokitError, match=message):
         dpokit.RunConfig.from_trl({"lr_scheduler_type": "cosine", **fields})
+
+
+def test_other_objects_fail():
+    with pytest.raises(dpokit.DpokitError, match=r"^from_trl: expected a trl.DPOConfig .*, got str$"):
+        dpokit.RunConfig.from_trl("trl.yaml")
+    with pytest.raises(dpokit.DpokitError, match=r"^from_trl: processes must be at least 1, got 0$"):
+        dpokit.RunConfig.from_trl({"lr_scheduler_type": "cosine"}, processes=0)
+
+
+@pytest.mark.parametrize("max_steps", [1, 7, 25, 38, 100, 299])
+def test_whole_warmup_steps_map_to_the_same_count(max_steps):
+    """TRL warms up int(warmup_steps) steps; dpokit ceil(warmup_ratio * steps). warmup / max_steps can round up
+    (7 / 25 * 25 = 7.000000000000001: 8 steps), which once refused valid configs; every count maps exactly."""
+    for warmup in range(1, max_steps + 1):
+        config = dpokit.RunConfig.from_trl(
+            {"lr_scheduler_type": "cosine", "max_steps": max_steps, "warmup_steps": warmup}
+        )
+        assert math.ceil(config.warmup_ratio * max_steps) == warmup, warmup
+    fractional = dpokit.RunConfig.from_trl(
+        {"lr_scheduler_type": "cosine", "max_steps": 10, "warmup_steps": 2.5}
+    )
+    assert math.ceil(fractional.warmup_ratio * 10) == 2  # TRL: int(2.5)
 
 
 def test_unsupported_loss_in_a_dpo_config_fails(tmp_path):
@@ -120,6 +161,81 @@ def test_fields_that_do_not_change_the_numbers_warn():
         UserWarning, match=r"ignored TRL fields .*: logging_steps, save_steps \(dpokit: save_every\)"
     ):
         dpokit.RunConfig.from_trl({"lr_scheduler_type": "cosine", "logging_steps": 5, "save_steps": 100})
+
+
+def test_names_that_are_no_dpo_config_field_warn_apart():
+    """A typo is not said to "not change the numbers": it is named as no field of DPOConfig."""
+    with pytest.warns(UserWarning) as caught:
+        config = dpokit.RunConfig.from_trl({"lr_scheduler_type": "cosine", "betaa": 0.3, "logging_steps": 5})
+    messages = [str(warning.message) for warning in caught if "from_trl" in str(warning.message)]
+    assert messages == [
+        "from_trl: ignored TRL fields that do not change the numbers here: logging_steps",
+        "from_trl: ignored names that are not fields of TRL 1.16's DPOConfig (misspelt, or from another "
+        "version?): betaa",
+    ]
+    assert config.beta == 0.1
+
+
+def test_activation_checkpointing_is_gradient_checkpointing():
+    """transformers 5 renamed gradient_checkpointing activation_checkpointing; DPOConfig keeps both in step."""
+    config = dpokit.RunConfig.from_trl({"lr_scheduler_type": "cosine", "activation_checkpointing": False})
+    assert config.gradient_checkpointing is False
+
+
+def train_losses_and_rates(run_dir) -> list[tuple[float, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["loss"], r["lr"]) for r in records if r["split"] == "train"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"num_train_epochs": 2, "warmup_steps": 0.25}, id="epochs-warmup-ratio"),
+        pytest.param({"max_steps": 5, "warmup_steps": 2}, id="max-steps-past-an-epoch-warmup-steps"),
+    ],
+)
+def test_mapped_run_trains_as_trl(fields, tiny_model_dir, tmp_path):
+    """TRL's DPOTrainer and dpokit, each given the same DPOConfig, log the same loss and learning rate at every
+    step (within 1e-5): the batch arithmetic (2 per device x 2 accumulation), epochs or max_steps, warmup and
+    the cosine schedule, and the seeded order of the pairs (batches of 4 of 8 pairs) all map. The pairs divide
+    into whole batches: TRL trains on an epoch's last, smaller batch, dpokit leaves those pairs out."""
+    args = trl_config(
+        tmp_path,
+        learning_rate=1e-3,  # a tiny random model needs a large rate to move in a few steps
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        lr_scheduler_type="cosine",
+        logging_steps=1,
+        save_strategy="no",
+        **fields,
+    )
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        ref_model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+        train_dataset=Dataset.from_list(STANDARD_PAIRS),
+    )
+    trainer.train()
+    theirs = [(h["loss"], h["learning_rate"]) for h in trainer.state.log_history if "loss" in h]
+    config = dpokit.RunConfig.from_trl(
+        args,
+        model=str(tiny_model_dir),
+        output_dir=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+        eval_data=None,
+        sample_prompts=None,
+        report_to=[],
+        save_every=0,
+        allow_risky_hyperparameters=True,
+    )
+    ours = train_losses_and_rates(dpokit.train(config, train_data=STANDARD_PAIRS, quiet=True).run_dir)
+    steps = 4 if "num_train_epochs" in fields else 5  # 2 steps of 4 pairs per epoch
+    assert len(ours) == len(theirs) == steps
+    assert len({loss for loss, _ in ours}) > 2  # the policy moves: the comparison has teeth
+    for step, ((loss, rate), (trl_loss, trl_rate)) in enumerate(zip(ours, theirs, strict=True), start=1):
+        assert loss == pytest.approx(trl_loss, abs=1e-5), step
+        assert rate == pytest.approx(trl_rate, rel=1e-9, abs=1e-15), step
 
 
 def test_mapped_run_eval_equals_trl_evaluate(tiny_model_dir, tmp_path):

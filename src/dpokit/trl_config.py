@@ -10,7 +10,8 @@ Three kinds of TRL fields:
 - Fields that change the numbers and that dpokit lacks (a linear schedule, keep_end truncation, another
   optimizer, ...): a one-line DpokitError naming the field, unless the value is the one dpokit computes.
 - Everything else (logging, saving, hub, dataloader, kernels) does not change the numbers: a warning names
-  those set away from TRL's default in a mapping; a DPOConfig object's other fields are not read.
+  those a mapping sets, and apart the names that are no DPOConfig field (a typo); a DPOConfig object's other
+  fields are not read.
 """
 
 from __future__ import annotations
@@ -62,7 +63,38 @@ TRL_DEFAULTS: dict[str, Any] = {
     "adam_epsilon": 1e-8,
     "lr_scheduler_kwargs": None,
     "neftune_noise_alpha": None,
+    "router_aux_loss_coef": None,
+    "train_sampling_strategy": "random",
+    "data_seed": None,
+    "model_init_kwargs": None,
 }
+
+# The other fields of TRL 1.16's DPOConfig (with transformers 5): none changes the numbers dpokit computes
+# (logging, saving, evaluation cadence, hub, devices, dataloader, kernels, options of refused features).
+# A name in neither list is not a DPOConfig field: misspelt, or from an older TRL or transformers.
+TRL_IGNORED = frozenset(
+    """
+    accelerator_config activation_checkpointing_kwargs activation_offloading
+    auto_find_batch_size average_tokens_across_devices batch_eval_metrics bf16_full_eval dataloader_drop_last
+    dataloader_in_order dataloader_multiprocessing_context dataloader_num_workers dataloader_persistent_workers
+    dataloader_pin_memory dataloader_prefetch_factor dataset_num_proc ddp_backend ddp_broadcast_buffers
+    ddp_bucket_cap_mb ddp_find_unused_parameters ddp_static_graph ddp_timeout debug deepspeed disable_tqdm
+    discopop_tau do_eval do_predict do_train enable_jit_checkpoint eval_accumulation_steps eval_delay
+    eval_do_concat_batches eval_on_start eval_steps eval_strategy eval_use_gather_object f_alpha_divergence_coef
+    fp16_full_eval fsdp fsdp_config full_determinism gradient_checkpointing_kwargs greater_is_better
+    hub_always_push hub_model_id hub_private_repo hub_revision hub_strategy hub_token ignore_data_skip
+    include_for_metrics include_num_input_tokens_seen label_names label_smoothing_factor length_column_name
+    liger_kernel_config load_best_model_at_end local_rank log_level log_level_replica log_on_each_node
+    logging_first_step logging_nan_inf_filter logging_steps logging_strategy metric_for_best_model
+    optim_args optim_target_modules pad_to_multiple_of pad_token padding_free parallelism_config
+    per_device_eval_batch_size precompute_ref_batch_size prediction_loss_only project push_to_hub
+    ref_model_mixup_alpha ref_model_sync_steps remove_unused_columns report_to
+    restore_callback_states_from_checkpoint resume_from_checkpoint run_name save_on_each_node save_only_model
+    save_steps save_strategy save_total_limit skip_memory_metrics tf32 torch_compile torch_compile_backend
+    torch_compile_mode torch_empty_cache_steps trackio_bucket_id trackio_space_id trackio_static_space_id
+    use_cache use_cpu use_liger_kernel
+    """.split()
+)
 
 # TRL loss names with a dpokit loss of the same formula.
 LOSS_NAMES = {
@@ -88,6 +120,8 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "adam_epsilon": ((1e-8,), "dpokit's AdamW uses eps 1e-8"),
     "lr_scheduler_kwargs": ((None, {}), "dpokit's cosine schedule takes no options"),
     "neftune_noise_alpha": ((None,), "NEFTune noise is not implemented"),
+    "router_aux_loss_coef": ((None, 0.0), "dpokit adds no Mixture-of-Experts load-balancing loss"),
+    "train_sampling_strategy": (("random",), "dpokit draws each epoch's pairs in a seeded random order"),
     "lr_scheduler_type": (
         ("cosine",),
         "dpokit decays the learning rate by cosine after warmup, TRL by default linearly; set "
@@ -117,11 +151,17 @@ def _read(trl_config: Any) -> tuple[dict[str, Any], list[str]]:
         given = dict(trl_config)
         if isinstance(given.get("loss_type"), str):
             given["loss_type"] = [given["loss_type"]]  # DPOConfig accepts one name as a string
+        if "activation_checkpointing" in given:  # transformers 5's name; DPOConfig keeps both in step
+            given.setdefault("gradient_checkpointing", given.pop("activation_checkpointing"))
         fields = {**TRL_DEFAULTS, **{k: v for k, v in given.items() if k in TRL_DEFAULTS}}
         if "warmup_ratio" in given:  # transformers < 5 had warmup_ratio beside integer warmup_steps
             fields["warmup_ratio"] = given["warmup_ratio"]
         others = [k for k in given if k not in TRL_DEFAULTS and k != "warmup_ratio"]
         return fields, others
+    if not hasattr(trl_config, "to_dict"):  # TrainingArguments and DPOConfig have it
+        raise DpokitError(
+            f"from_trl: expected a trl.DPOConfig or a mapping of its fields, got {type(trl_config).__name__}"
+        )
     fields = {name: _plain(getattr(trl_config, name, default)) for name, default in TRL_DEFAULTS.items()}
     if getattr(trl_config, "warmup_ratio", None):
         fields["warmup_ratio"] = trl_config.warmup_ratio
@@ -170,14 +210,28 @@ def _steps(fields: dict[str, Any]) -> dict[str, Any]:
         warmup = fields["warmup_ratio"]
     if warmup < 1:  # a share of the steps; both round it up (math.ceil)
         mapped["warmup_ratio"] = warmup
-    elif max_steps > 0 and math.ceil(warmup / max_steps * max_steps) == warmup:
-        mapped["warmup_ratio"] = warmup / max_steps
-    else:
+    elif max_steps <= 0:
         raise DpokitError(
             f"field 'warmup_steps': {warmup} steps; dpokit sets warmup as a share of the steps, so give a "
             "fraction below 1 (or set max_steps)"
         )
+    elif int(warmup) > max_steps:
+        raise DpokitError(
+            f"field 'warmup_steps': {warmup} steps is more than max_steps {max_steps}; dpokit's warmup ends "
+            "within the run"
+        )
+    else:
+        mapped["warmup_ratio"] = _share(int(warmup), max_steps)  # TRL: int(warmup_steps) from 1 up
     return mapped
+
+
+def _share(warmup: int, steps: int) -> float:
+    """The ratio r with ceil(r * steps) == warmup, dpokit's warmup arithmetic. warmup / steps itself can round
+    up one step (7 / 25 * 25 == 7.000000000000001), so it is lowered by ulps until it does not."""
+    ratio = warmup / steps
+    while math.ceil(ratio * steps) > warmup:
+        ratio = math.nextafter(ratio, 0.0)
+    return ratio
 
 
 def _precision(fields: dict[str, Any]) -> str:
@@ -199,6 +253,8 @@ def run_config_from_trl(trl_config: Any, *, processes: int = 1, **overrides: Any
 
     >>> config = RunConfig.from_trl({"beta": 0.1, "lr_scheduler_type": "cosine"}, model="./sft-model")
     """
+    if processes < 1:
+        raise DpokitError(f"from_trl: processes must be at least 1, got {processes}")
     fields, others = _read(trl_config)
     for name, (accepted, why) in UNSUPPORTED.items():
         value = _plain(fields[name])
@@ -207,6 +263,18 @@ def run_config_from_trl(trl_config: Any, *, processes: int = 1, **overrides: Any
     if fields["max_length"] is None:
         raise DpokitError(
             "field 'max_length': None (no truncation) is not supported; give a length in tokens"
+        )
+    if fields["data_seed"] not in (None, fields["seed"]):
+        raise DpokitError(
+            f"field 'data_seed': {fields['data_seed']!r} is not supported (dpokit orders the pairs by seed; "
+            "leave data_seed unset or equal to seed)"
+        )
+    init_kwargs = fields["model_init_kwargs"] or {}
+    dtype = str(init_kwargs.get("dtype", init_kwargs.get("torch_dtype", "float32"))).removeprefix("torch.")
+    if dtype != "float32":
+        raise DpokitError(
+            f"field 'model_init_kwargs': dtype {dtype} is not supported here (TRL trains the weights in that "
+            "dtype; set dpokit's precision instead: bf16-pure casts every weight to bf16)"
         )
     if not fields["max_grad_norm"]:
         raise DpokitError("field 'max_grad_norm': 0 (no clipping) is not supported; dpokit always clips")
@@ -230,12 +298,21 @@ def run_config_from_trl(trl_config: Any, *, processes: int = 1, **overrides: Any
     }
     if fields["output_dir"] is not None:
         mapped["output_dir"] = str(fields["output_dir"])
-    if others:
+    ignored = [name for name in others if name in TRL_IGNORED]
+    unknown = [name for name in others if name not in TRL_IGNORED]
+    if ignored:
         hints = [
-            f"{name} (dpokit: {IGNORED_HINTS[name]})" if name in IGNORED_HINTS else name for name in others
+            f"{name} (dpokit: {IGNORED_HINTS[name]})" if name in IGNORED_HINTS else name for name in ignored
         ]
         warnings.warn(
             f"from_trl: ignored TRL fields that do not change the numbers here: {', '.join(hints)}",
+            UserWarning,
+            stacklevel=2,
+        )
+    if unknown:
+        warnings.warn(
+            f"from_trl: ignored names that are not fields of TRL 1.16's DPOConfig (misspelt, or from another "
+            f"version?): {', '.join(unknown)}",
             UserWarning,
             stacklevel=2,
         )
