@@ -241,3 +241,45 @@ def test_resume_after_a_crash_redoes_nothing_finished(tmp_path, tiny_model_dir, 
         "round-2/eval_samples.jsonl",
     ):
         assert (whole / name).read_text() == (tmp_path / "run" / name).read_text(), name
+
+
+def test_resume_before_pairing_judges_the_failed_prompts_again(tmp_path) -> None:
+    """A judge server that was down scored prompt B's answers None and the round stopped for too few pairs.
+    On --resume, judging runs again for B alone (its 3 answers, not A's 2), A's scores are kept."""
+    directory = tmp_path / "round-1"
+    directory.mkdir()
+    online_loop.write_jsonl(
+        directory / "generations.jsonl",
+        [{"prompt": "A", "answers": ["a", "aaa"]}, {"prompt": "B", "answers": ["b", "bb", "bbbb"]}],
+    )
+    asked = []
+
+    class Judge:
+        def __init__(self, down: set[str]) -> None:
+            self.down = down
+
+        def score(self, prompts, answers):
+            asked.append(list(answers))
+            return [None if p in self.down else float(len(a)) for p, a in zip(prompts, answers)]
+
+    (tmp_path / "p.txt").write_text("A\nB\n")
+    config = load_iterate_config(None, ["prompts=p.txt", "eval_prompts=p.txt", "train.model=start"])
+    loop = online_loop.Loop(config, tmp_path, None, Judge({"B"}), [], [])
+    assert online_loop.unjudged(directory)  # never judged
+    online_loop.judge_stage(loop, 1)
+    scores = [r["scores"] for r in online_loop.read_jsonl(directory / "samples.jsonl")]
+    assert scores == [[1.0, 3.0], [None, None, None]] and asked == [["a", "aaa", "b", "bb", "bbbb"]]
+    assert online_loop.unjudged(directory)  # failures and no pairs yet: a resume asks again
+
+    loop.judge = Judge(set())  # the server is back
+    online_loop.judge_stage(loop, 1)
+    scores = [r["scores"] for r in online_loop.read_jsonl(directory / "samples.jsonl")]
+    assert scores == [[1.0, 3.0], [1.0, 2.0, 4.0]] and asked[1] == ["b", "bb", "bbbb"]
+    assert not online_loop.unjudged(directory)
+
+    # Failures left once the round is paired are final: its pairs were made from them.
+    online_loop.write_jsonl(
+        directory / "samples.jsonl", [{"prompt": "A", "answers": ["a"], "scores": [None]}]
+    )
+    online_loop.write_jsonl(directory / "pairs.jsonl", [])
+    assert not online_loop.unjudged(directory)

@@ -175,13 +175,29 @@ def generate(
 
 
 def judge_stage(loop: Loop, n: int) -> None:
-    """Score every answer; samples.jsonl holds the generations with their scores (null: the judge failed)."""
-    records = read_jsonl(loop.round_dir(n) / "generations.jsonl")
-    prompts = [r["prompt"] for r in records for _ in r["answers"]]
-    scores = iter(loop.judge.score(prompts, [a for r in records for a in r["answers"]]))
-    for record in records:
+    """Score every answer; samples.jsonl holds the generations with their scores (null: the judge failed).
+
+    Run again on a resume before pairing (see `unjudged`), it judges only the prompts with a failed score,
+    all their answers (a pairwise judge scores each against the others), and keeps every other score.
+    """
+    directory = loop.round_dir(n)
+    samples = directory / "samples.jsonl"
+    records = read_jsonl(samples if samples.exists() else directory / "generations.jsonl")
+    todo = [r for r in records if None in r.get("scores", [None])]
+    prompts = [r["prompt"] for r in todo for _ in r["answers"]]
+    scores = iter(loop.judge.score(prompts, [a for r in todo for a in r["answers"]]))
+    for record in todo:
         record["scores"] = [next(scores) for _ in record["answers"]]
-    write_jsonl(loop.round_dir(n) / "samples.jsonl", records)
+    write_jsonl(samples, records)
+
+
+def unjudged(directory: Path) -> bool:
+    """Whether a round's judging is to run: never run, or run with failures and the round not yet paired.
+    A judge server that was down when the round stopped for too few pairs is asked again on --resume."""
+    samples = directory / "samples.jsonl"
+    if not samples.exists():
+        return True
+    return not (directory / "pairs.jsonl").exists() and any(None in r["scores"] for r in read_jsonl(samples))
 
 
 def pair_stage(loop: Loop, n: int) -> None:
@@ -235,6 +251,7 @@ def pair_stage(loop: Loop, n: int) -> None:
         raise DpokitError(
             f"round {n}: {len(pairs)} pairs, fewer than min_pairs={config.min_pairs} "
             f"(dropped: {', '.join(f'{c} {r}' for r, c in dropped.items())}); see {directory / 'report.json'}"
+            + ("; --resume asks the judge again where it failed" if report["judge_failed_answers"] else "")
         )
     write_jsonl(directory / "pairs.jsonl", pairs)
 
@@ -375,7 +392,7 @@ def iterate(
             directory.mkdir(exist_ok=True)
             if not (directory / "generations.jsonl").exists():
                 generate_stage(loop, n)
-            if not (directory / "samples.jsonl").exists():
+            if unjudged(directory):
                 ranks.on_main(partial(judge_stage, loop, n))
             if not (directory / "pairs.jsonl").exists():
                 ranks.on_main(partial(pair_stage, loop, n))
