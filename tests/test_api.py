@@ -3,6 +3,7 @@ come back as objects, quiet means silent, and bad rows are named by their index.
 
 from __future__ import annotations
 
+import doctest
 import json
 
 import datasets
@@ -157,3 +158,13 @@ def test_audit_returns_findings(tmp_path):
     assert findings and all(isinstance(f, dpokit.Finding) for f in findings)
     in_memory = dpokit.audit(pd.DataFrame([*ROWS, ROWS[0]]))
     assert [f.code for f in in_memory] == [f.code for f in findings]  # evidence counts rows from 0 there
+
+
+def test_docstring_examples_run():
+    """The runnable examples of the RunConfig and loss docstrings give the values they show."""
+    finder, runner = doctest.DocTestFinder(recurse=False), doctest.DocTestRunner()
+    for obj in (dpokit.RunConfig, dpokit.losses):
+        (test,) = finder.find(obj)
+        assert test.examples
+        runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0

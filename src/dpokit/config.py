@@ -22,7 +22,12 @@ BF16_PURE_WARNING = (
 
 
 class RunConfig(BaseModel):
-    """Everything a `dpokit train` run needs. Field descriptions are the reference documentation."""
+    """Everything a `dpokit train` run needs. Field descriptions are the reference documentation.
+
+    >>> config = RunConfig(model="./sft-model", train_data="pairs.jsonl", use_lora=False, eval_data=None)
+    >>> config.resolved_learning_rate, config.resolved_beta, config.effective_batch_size  # the defaults
+    (1e-06, 0.1, 128)
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -2,7 +2,17 @@
 
 Every loss takes the same inputs (each a (B,) tensor) and returns (losses, chosen_rewards, rejected_rewards),
 each (B,). Where TRL 1.16 has the same loss, the name and formula are TRL's, so its settings give the
-same numbers here. Pick one with ``LOSSES[name]``.
+same numbers here. Pick one with ``LOSSES[name]``. Worked by hand: Dw = -10 - (-11) = 1 and
+Dl = -12 - (-11) = -1, so sigmoid DPO at beta 0.1 gives -log sigmoid(0.1 * (1 - (-1))) = 0.5981:
+
+    >>> import torch
+    >>> from dpokit import LOSSES, LossParams, PairLogps
+    >>> lengths = torch.tensor([5.0]), torch.tensor([6.0])
+    >>> policy = PairLogps(torch.tensor([-10.0]), torch.tensor([-12.0]), *lengths)
+    >>> reference = PairLogps(torch.tensor([-11.0]), torch.tensor([-11.0]), *lengths)
+    >>> losses, chosen_rewards, rejected_rewards = LOSSES["sigmoid"](policy, reference, LossParams(beta=0.1))
+    >>> [round(t.item(), 4) for t in (losses, chosen_rewards, rejected_rewards)]
+    [0.5981, 0.1, -0.1]
 """
 
 from __future__ import annotations
