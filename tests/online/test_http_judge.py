@@ -15,6 +15,7 @@ from openai_stub import StubServer
 from test_loop import iterate_config
 
 from dpokit.errors import DpokitError
+from dpokit.online import http_judge
 from dpokit.online import loop as online_loop
 from dpokit.online.config import LLMJudgeConfig, load_iterate_config
 from dpokit.online.http_judge import LLMJudge, parse_choice, parse_score
@@ -169,3 +170,19 @@ def test_missing_key_and_bad_config_are_one_line_errors(tmp_path, monkeypatch) -
         with pytest.raises(DpokitError, match=re.escape(needle)) as error:
             load_iterate_config(path)
         assert "\n" not in str(error.value)
+
+
+def test_judging_shows_progress_per_request(server, monkeypatch) -> None:
+    """Pairwise over 3 answers to p (3 comparisons) and 2 to q (1): the bar counts 4 requests of 4."""
+    bars = []
+
+    def recording(iterable, total, desc, **kwargs):
+        bars.append({"total": total, "desc": desc, "done": 0})
+        for item in iterable:
+            bars[-1]["done"] += 1
+            yield item
+
+    monkeypatch.setattr(http_judge, "progress", recording)
+    server.reply = lambda body, count: (200, "Winner: A")
+    judge(server, mode="pairwise").score(["p", "p", "p", "q", "q"], ["x", "y", "z", "u", "v"])
+    assert bars == [{"total": 4, "desc": "judging", "done": 4}] and len(server.bodies) == 4

@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from dpokit.errors import DpokitError
+from dpokit.online import judges
 from dpokit.online.judges import build_judge, clean_score
 from tiny_models import TINY_SIZES
 
@@ -78,7 +79,7 @@ def test_bad_judge_specs_are_one_line_errors(judge_module: str) -> None:
     assert "\n" not in str(error.value)
 
 
-def test_reward_model_judge_batches_like_one_at_a_time(tmp_path, tiny_tokenizer) -> None:
+def test_reward_model_judge_batches_like_one_at_a_time(tmp_path, tiny_tokenizer, monkeypatch) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tiny_tokenizer), num_labels=1, **TINY_SIZES)
     LlamaForSequenceClassification(config).save_pretrained(tmp_path)
@@ -91,3 +92,7 @@ def test_reward_model_judge_batches_like_one_at_a_time(tmp_path, tiny_tokenizer)
     assert all(isinstance(s, float) for s in batched)
     torch.testing.assert_close(torch.tensor(batched), torch.tensor(single), rtol=1e-4, atol=1e-5)
     assert len(set(batched)) == 3
+    # Progress per batch of REWARD_MODEL_BATCH = 16 answers: 40 answers are 3 batches (16, 16, 8).
+    bars = []
+    monkeypatch.setattr(judges, "progress", lambda batches, **kwargs: bars.append(len(batches)) or batches)
+    assert len(judge.score(["p"] * 40, ["an answer"] * 40)) == 40 and bars == [3]

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from itertools import combinations
 
 from dpokit.data.rows import Text
+from dpokit.distributed import progress
 from dpokit.online.config import LLMJudgeConfig, fill
 from dpokit.online.judges import Score
 from dpokit.online.openai_http import OpenAIClient, RequestFailed
@@ -157,7 +158,8 @@ class LLMJudge:
 
     def _ask_all(self, contents: list[str]) -> list[str | None]:
         with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
-            return list(pool.map(self.ask, contents))
+            replies = pool.map(self.ask, contents)
+            return list(progress(replies, total=len(contents), desc="judging", unit="request", leave=False))
 
     # --- the judge interface -----------------------------------------------------------------------
     def compare(

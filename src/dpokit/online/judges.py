@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from dpokit.data.rows import Text
+from dpokit.distributed import progress
 from dpokit.errors import DpokitError
 from dpokit.judges import vader_score
 from dpokit.online.config import LLMJudgeConfig
@@ -121,7 +122,8 @@ class RewardModelJudge:
     @torch.inference_mode()
     def score(self, prompts: Sequence[Text], answers: Sequence[str]) -> list[Score]:
         scores: list[Score] = []
-        for start in range(0, len(answers), REWARD_MODEL_BATCH):
+        batches = range(0, len(answers), REWARD_MODEL_BATCH)
+        for start in progress(batches, desc="judging", unit="batch", leave=False):
             texts = [
                 self._text(p, a)
                 for p, a in zip(
