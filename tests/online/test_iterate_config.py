@@ -61,6 +61,10 @@ def test_bad_prompt_files_name_the_line(tmp_path) -> None:
     (tmp_path / "q.jsonl").write_text('{"prompt": 3}\n')
     with pytest.raises(DpokitError, match=r"q.jsonl:1: field 'prompt' must be a string"):
         read_prompts(str(tmp_path / "q.jsonl"))
+    for empty in ('""', '"  "', "[]"):  # silently dropped before: a row the user wrote, lost unseen
+        (tmp_path / "e.jsonl").write_text(f'{{"prompt": "a"}}\n{{"prompt": {empty}}}\n')
+        with pytest.raises(DpokitError, match=r"e.jsonl:2: field 'prompt' is empty$"):
+            read_prompts(str(tmp_path / "e.jsonl"))
     with pytest.raises(DpokitError, match="no such prompts file"):
         read_prompts(str(tmp_path / "missing.txt"))
 
