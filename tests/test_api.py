@@ -66,12 +66,13 @@ def test_train_returns_metrics_model_and_findings(tiny_model_dir, tmp_path):
 
 
 def test_quiet_prints_nothing(tiny_model_dir, tmp_path, capfd):
-    """quiet=True: no progress bar, no rich output, no warning, on stdout or stderr."""
+    """quiet=True: no progress bar, no rich output, no warning, on stdout or stderr (train, evaluate, audit)."""
     path = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
     config = make_config(tmp_path, tiny_model_dir, path, eval_data=str(path))
     capfd.readouterr()
     dpokit.train(config, quiet=True)
     dpokit.evaluate(config.output_dir + "/final", ROWS, reference=tiny_model_dir, quiet=True)
+    dpokit.audit(ROWS, model=str(tiny_model_dir), quiet=True)  # loads the model, runs a reference pass
     assert capfd.readouterr() == ("", "")
 
 

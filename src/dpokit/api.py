@@ -229,17 +229,20 @@ def load_pairs(
     return load(as_rows(data, name), tokenizer, max_length, name)
 
 
-def audit(data: Data, model: str | None = None, max_length: int = 1024) -> list[Finding]:
+def audit(
+    data: Data, model: str | None = None, max_length: int = 1024, *, quiet: bool = False
+) -> list[Finding]:
     """What in a preference dataset will hurt DPO (length bias, shortcuts, near-identical pairs, ...), as
     `dpokit audit` finds it, worst first; with `model`, also the tokenizer and step-0 reference checks.
-    The data is a path or rows held in memory, as for `train`.
+    The data is a path or rows held in memory, as for `train`. quiet: no progress bars (with `model`).
 
     >>> findings = dpokit.audit("pairs.jsonl")
     >>> [(f.severity, f.title) for f in findings]
     """
     from dpokit.diagnostics.audit import audit_dataset
 
-    return audit_dataset(as_rows(data, "data"), model, max_length)[1]
+    with silenced(quiet):
+        return audit_dataset(as_rows(data, "data"), model, max_length)[1]
 
 
 def doctor(run_dir: str | os.PathLike) -> list[Finding]:
