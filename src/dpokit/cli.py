@@ -5,7 +5,7 @@ dpokit train my.yaml beta=0.2 --resume    # your config with overrides, continui
 torchrun --nproc-per-node 8 -m dpokit.cli train my.yaml --distributed fsdp2   # sharded over 8 GPUs
 dpokit eval --policy runs/dpokit/final --data pairs.jsonl --json metrics.json
 dpokit export runs/dpokit --merge --out merged/
-dpokit iterate my-iterate.yaml --resume   # on-policy DPO, round after round (docs/iterate.md)
+dpokit iterate my-iterate.yaml --resume   # on-policy DPO, round after round (README: On-policy)
 torchrun --nproc-per-node 8 -m dpokit.cli iterate my-iterate.yaml --distributed ddp   # on 8 GPUs
 """
 
@@ -281,7 +281,7 @@ def report(
 
 @app.command()
 def iterate(
-    config: Annotated[Path, typer.Argument(help="YAML iterate config (see docs/iterate.md).")],
+    config: Annotated[Path, typer.Argument(help="YAML iterate config (see README: On-policy).")],
     overrides: Annotated[
         list[str] | None, typer.Argument(help="key=value overrides; train.KEY=value for the train section")
     ] = None,
