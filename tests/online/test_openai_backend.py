@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from test_loop import iterate_config
 
 from dpokit.errors import DpokitError
@@ -36,7 +37,7 @@ GREEDY = Sampling(max_new_tokens=8, temperature=None)
 
 def openai_loop(tmp_path: Path, model: Path, *overrides: str) -> online_loop.Loop:
     config = iterate_config(tmp_path, model, "backend=openai", f"openai.server_command={COMMAND}", *overrides)
-    return online_loop.Loop(config, Path(config.output_dir), None, None, [], [])
+    return online_loop.Loop(config, Path(config.output_dir), Console(quiet=True), None, [], [])
 
 
 def texts(groups) -> list[list[tuple[str, int]]]:
@@ -75,7 +76,13 @@ def test_iterate_round_with_server_command(tmp_path, tiny_model_dir) -> None:
     config = iterate_config(
         tmp_path, tiny_model_dir, "rounds=1", "backend=openai", f"openai.server_command={COMMAND}"
     )
-    run_dir = online_loop.iterate(config)
+    console = Console(record=True, width=400)
+    run_dir = online_loop.iterate(config, console=console)
+    # One line per server start (round 0's evaluation, round 1's generation and evaluation), before the wait.
+    starts = [
+        line for line in console.export_text().splitlines() if line.startswith("starting the server on")
+    ]
+    assert len(starts) == 3 and str(run_dir / "round-1" / "server-generation.log") in starts[1]
     records = online_loop.read_jsonl(run_dir / "round-1" / "generations.jsonl")
     assert all(len(r["answers"]) == 3 and len(r["num_tokens"]) == 3 for r in records)
     assert (run_dir / "round-1" / "merged" / "config.json").exists()

@@ -83,6 +83,10 @@ def _server_backend(loop: Loop, n: int, log: Path) -> Iterator[GenerationBackend
         yield OpenAIBackend(client, server.model, loop.tokenizer, server)
         return
     policy = served_model(loop, n)
+    # Engines take minutes to load: say what is being waited for, and where its output goes.
+    loop.console.print(
+        f"starting the server on {policy} (up to {server.startup_timeout_s:g}s; its output: {log})"
+    )
     with serve(server.server_command, policy, server.url, log, server.startup_timeout_s) as url:
         client = OpenAIClient.from_config(url, server, "openai")
         yield OpenAIBackend(client, fill(server.model, {"policy": policy}), loop.tokenizer, server)
