@@ -104,6 +104,32 @@ def kill_once_written(command: list[str], marker: Path, what: str) -> None:
     process.wait()
 
 
+def signal_one_worker(command: list[str], out: Path, rank: int, signum: int) -> subprocess.CompletedProcess:
+    """Start a launched run and, once its first training step is logged, send `signum` to the worker of
+    `rank` alone; returns the launcher's exit status and output once it is gone. Fails if it is still
+    running a minute later: the other processes would then be waiting for that one."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment()
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT
+    while not (metrics.exists() and '"train"' in metrics.read_text()):
+        assert process.poll() is None, f"the run ended before its first step: {process.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no training step in time"
+        time.sleep(0.02)
+    launcher = psutil.Process(process.pid)
+    [worker] = [p for p in launcher.children(recursive=True) if p.environ().get("RANK") == str(rank)]
+    worker.send_signal(signum)
+    try:
+        output, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        for victim in [launcher, *launcher.children(recursive=True)]:
+            victim.kill()
+        output, _ = process.communicate()
+        pytest.fail(f"the run hung after a signal to process {rank}: {output[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, output)
+
+
 def kill_after_first_checkpoint(command: list[str], out: Path) -> None:
     """Start a run and SIGKILL the launcher and all its processes as soon as a checkpoint is published."""
     kill_once_written(command, out / "checkpoints" / "latest", "a checkpoint")

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from accelerate.utils import gather_object
 from rich.console import Console
@@ -56,6 +57,17 @@ class StopRequested:
 
     def __call__(self, signum: int, frame: Any) -> None:
         self.signal = signum
+
+    def agreed(self, accelerator: Any) -> int | None:
+        """The signal any process of the run has received (the largest number if several), the same on every
+        process: they all stop after the same step. A process that stopped alone would wait in the
+        checkpoint's collectives while the others waited in the next step's, for ever; the launcher's
+        SIGTERM reaches the processes at slightly different times, so one can see it a step before another."""
+        if accelerator.num_processes == 1:
+            return self.signal
+        flag = torch.tensor([self.signal or 0], device=accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
 
 
 def train(
@@ -257,14 +269,16 @@ def run_steps(run: Run, start_step: int, log: MetricsLog, hooks: RunHooks) -> No
                 evaluate(run, done, log, hooks)
             if not last and config.sample_every and done % config.sample_every == 0:
                 hooks.on_samples(run.model, done)
-            if stop.signal or (not last and config.save_every and done % config.save_every == 0):
+            stopping = stop.agreed(accelerator)
+            if stopping or (not last and config.save_every and done % config.save_every == 0):
                 save(run, done)
-            if stop.signal:
-                name = signal.Signals(stop.signal).name
-                run.console.print(
-                    f"[yellow]{name}: checkpoint saved at step {done}; continue with --resume[/yellow]"
-                )
-                raise SystemExit(128 + stop.signal)
+            if stopping:
+                if accelerator.is_main_process:
+                    name = signal.Signals(stopping).name
+                    run.console.print(
+                        f"[yellow]{name}: checkpoint saved at step {done}; continue with --resume[/yellow]"
+                    )
+                raise SystemExit(128 + stopping)
     finally:
         bar.close()
         for s, handler in previous.items():
