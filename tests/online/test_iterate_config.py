@@ -71,7 +71,7 @@ def test_bad_prompt_files_name_the_line(tmp_path) -> None:
 
 def test_resume_refuses_a_changed_config_naming_the_fields(tmp_path) -> None:
     """A resumed iterate run with other settings than it started with stops at once, naming them (dotted for
-    the train section); more rounds are allowed."""
+    the train section); more rounds and another min_pairs are allowed."""
     import yaml
 
     from dpokit.online.loop import iterate
@@ -89,4 +89,4 @@ def test_resume_refuses_a_changed_config_naming_the_fields(tmp_path) -> None:
     with pytest.raises(
         DpokitError, match="p.txt"
     ):  # same settings, more rounds: past the check, to the prompts
-        iterate(load_iterate_config(path, ["rounds=3"]), resume=True)
+        iterate(load_iterate_config(path, ["rounds=3", "min_pairs=2"]), resume=True)

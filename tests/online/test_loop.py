@@ -178,12 +178,23 @@ def test_lora_with_reference_previous_merges_each_round(tmp_path, tiny_model_dir
 
 
 def test_too_few_pairs_stops_with_one_line(tmp_path, tiny_model_dir) -> None:
+    """The round stops before training; accepting fewer pairs (min_pairs may change on a resume, as rounds
+    may) continues it with the pairs it had, nothing judged again."""
     config = iterate_config(tmp_path, tiny_model_dir, "min_pairs=50")
     with pytest.raises(DpokitError, match=r"round 1: \d pairs, fewer than min_pairs=50") as error:
         online_loop.iterate(config)
     assert "\n" not in str(error.value)
     assert (tmp_path / "run" / "round-1" / "report.json").exists()
     assert not (tmp_path / "run" / "round-1" / "pairs.jsonl").exists()
+    report = json.loads((tmp_path / "run" / "round-1" / "report.json").read_text())
+    assert 0 < report["pairs"] < 50 and str(error.value).endswith(f"--resume min_pairs={report['pairs']}")
+    samples = (tmp_path / "run" / "round-1" / "samples.jsonl").read_text()
+
+    online_loop.iterate(config.model_copy(update={"min_pairs": report["pairs"], "rounds": 1}), resume=True)
+    assert (tmp_path / "run" / "round-1" / "samples.jsonl").read_text() == samples
+    pairs = online_loop.read_jsonl(tmp_path / "run" / "round-1" / "pairs.jsonl")
+    rounds = online_loop.read_jsonl(tmp_path / "run" / "rounds.jsonl")
+    assert len(pairs) == report["pairs"] == rounds[1]["pairs"] and [r["round"] for r in rounds] == [0, 1]
 
 
 @pytest.mark.slow

@@ -252,6 +252,7 @@ def pair_stage(loop: Loop, n: int) -> None:
             f"round {n}: {len(pairs)} pairs, fewer than min_pairs={config.min_pairs} "
             f"(dropped: {', '.join(f'{c} {r}' for r, c in dropped.items())}); see {directory / 'report.json'}"
             + ("; --resume asks the judge again where it failed" if report["judge_failed_answers"] else "")
+            + (f"; to train on these: --resume min_pairs={len(pairs)}" if pairs else "")
         )
     write_jsonl(directory / "pairs.jsonl", pairs)
 
@@ -348,15 +349,21 @@ def judge_held_out_answers(loop: Loop, n: int, answers: list[Answer], policy) ->
     return record
 
 
+# Settings a resume may change: they decide whether the run goes on, not what a finished stage made.
+# rounds: running more rounds is what resuming a finished run is for; min_pairs: a round that stopped for
+# too few pairs continues with the pairs it has when the user accepts fewer.
+RESUMABLE_CHANGES = ("rounds", "min_pairs")
+
+
 def config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of the settings that differ between a run's saved config and this one; `rounds` may
-    grow (running more rounds is what resuming a finished run is for)."""
+    """Dotted names of the settings that differ between a run's saved config and this one, other than
+    RESUMABLE_CHANGES."""
     changed = []
     for key, value in current.items():
         old = saved.get(key)
         if isinstance(old, dict) and isinstance(value, dict):
             changed += config_changes(old, value, f"{prefix}{key}.")
-        elif old != value and not (prefix == "" and key == "rounds"):
+        elif old != value and not (prefix == "" and key in RESUMABLE_CHANGES):
             changed.append(prefix + key)
     return changed
 
