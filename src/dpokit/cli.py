@@ -56,6 +56,30 @@ def _done(result: str) -> None:
         console.print(f"done: {result}")
 
 
+NumProcesses = Annotated[
+    int | None,
+    typer.Option(
+        "--num-processes",
+        help="Start this many processes on this machine, as torchrun --nproc-per-node N would (no launcher "
+        "needed). Default with --distributed ddp/fsdp2/...: one per visible GPU.",
+    ),
+]
+
+
+def _launch_count(distributed: str | None, num_processes: int | None) -> int | None:
+    """The processes to start for --num-processes / --distributed (README: Scale-out), None to run here."""
+    from dpokit.launch import processes_to_start
+
+    return processes_to_start(distributed, num_processes)
+
+
+def _start(count: int) -> None:
+    """Run this same command line in `count` processes and exit with their status."""
+    from dpokit.launch import start_processes
+
+    raise typer.Exit(start_processes(count, sys.argv[1:], console))
+
+
 @app.callback()
 def main() -> None:
     # bitsandbytes (imported by peft) logs that an optional CPU kernel package is missing; it is optional.
@@ -105,6 +129,7 @@ def train(
             "DDP when it started several processes (README: Scale-out).",
         ),
     ] = None,
+    num_processes: NumProcesses = None,
 ) -> None:
     """Train a policy with DPO (or IPO, SimPO, ...) on preference pairs."""
     from dpokit.config import load_config
@@ -122,18 +147,26 @@ def train(
     try:
         if force_resume and not resume:
             raise DpokitError("--force-resume: only meaningful with --resume")
-        if from_trl is not None:  # TRL's fields mapped, then key=value overrides of dpokit fields on top
-            from dpokit.config import RunConfig, parse_override, read_config_file
+        count = None if print_config else _launch_count(distributed, num_processes)
+        with warnings.catch_warnings():
+            if count is not None:  # checked here once; the started processes warn (the first one only)
+                warnings.simplefilter("ignore")
+            if from_trl is not None:  # TRL's fields mapped, then key=value overrides of dpokit fields on top
+                from dpokit.config import RunConfig, parse_override, read_config_file
 
-            if config is not None:
-                raise DpokitError(f"--from-trl: give the TRL YAML or a dpokit config ({config}), not both")
-            fields = dict(parse_override(text) for text in overrides)
-            run_config = RunConfig.from_trl(read_config_file(from_trl), **fields)
-        else:
-            run_config = load_config(config, overrides)
+                if config is not None:
+                    raise DpokitError(
+                        f"--from-trl: give the TRL YAML or a dpokit config ({config}), not both"
+                    )
+                fields = dict(parse_override(text) for text in overrides)
+                run_config = RunConfig.from_trl(read_config_file(from_trl), **fields)
+            else:
+                run_config = load_config(config, overrides)
         if print_config:
             sys.stdout.write(yaml.safe_dump(run_config.resolved(), sort_keys=False))
             return
+        if count is not None:
+            _start(count)
         from dpokit.train.loop import train as run_training
 
         run_dir = run_training(
@@ -297,14 +330,22 @@ def iterate(
             "share of the prompts, rank 0 judges, pairs and writes.",
         ),
     ] = None,
+    num_processes: NumProcesses = None,
 ) -> None:
     """On-policy DPO: R rounds of generate, judge, pair, train and evaluate (RUN_DIR/rounds.jsonl)."""
     from dpokit.online.config import load_iterate_config
     from dpokit.online.loop import iterate as run_iterate
 
     try:
+        count = _launch_count(distributed, num_processes)
+        with warnings.catch_warnings():
+            if count is not None:  # checked here once; the started processes warn (the first one only)
+                warnings.simplefilter("ignore")
+            iterate_config = load_iterate_config(config, list(overrides or []))
+        if count is not None:
+            _start(count)
         run_dir = run_iterate(
-            load_iterate_config(config, list(overrides or [])),
+            iterate_config,
             resume=resume,
             console=console,
             distributed=distributed,

@@ -96,14 +96,19 @@ def engine_from_accelerate_config(config: dict[str, Any], source: str) -> Engine
     return Engine("single" if kind == "NO" else "ddp")
 
 
+def named_engine(distributed: str) -> Engine:
+    """The engine `--distributed` names: a preset name or an accelerate config file."""
+    path = Path(distributed) if distributed.endswith((".yaml", ".yml")) else preset_path(distributed)
+    if not path.is_file():
+        raise DpokitError(f"--distributed: {path} does not exist")
+    return engine_from_accelerate_config(yaml.safe_load(path.read_text()) or {}, str(path))
+
+
 def resolve_engine(distributed: str | None) -> Engine:
     """The engine of this run: `--distributed` (a preset name or an accelerate config file) when given, else
     what `accelerate launch --config_file ...` put in the environment, else DDP across several processes."""
     if distributed is not None:
-        path = Path(distributed) if distributed.endswith((".yaml", ".yml")) else preset_path(distributed)
-        if not path.is_file():
-            raise DpokitError(f"--distributed: {path} does not exist")
-        engine = engine_from_accelerate_config(yaml.safe_load(path.read_text()) or {}, str(path))
+        engine = named_engine(distributed)
     elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         deepspeed = {
             "zero_stage": os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"),
@@ -132,8 +137,8 @@ def resolve_engine(distributed: str | None) -> Engine:
         flag = distributed or {"fsdp2": "fsdp2", "zero3": "deepspeed-zero3"}[engine.name]
         command = next((word for word in sys.argv[1:2] if word in ("train", "iterate")), "train")
         raise DpokitError(
-            f"--distributed: {flag} needs a launcher, even for one process: "
-            f"torchrun --nproc-per-node N -m dpokit.cli {command} ... --distributed {flag}"
+            f"--distributed: {flag} needs a launcher, even for one process: dpokit {command} ... "
+            f"--distributed {flag} --num-processes N, or torchrun --nproc-per-node N -m dpokit.cli {command} ..."
         )
     if engine.name == "single" and world_size() > 1:
         raise DpokitError(
