@@ -104,10 +104,23 @@ def kill_once_written(command: list[str], marker: Path, what: str) -> None:
     process.wait()
 
 
-def signal_one_worker(command: list[str], out: Path, rank: int, signum: int) -> subprocess.CompletedProcess:
-    """Start a launched run and, once its first training step is logged, send `signum` to the worker of
-    `rank` alone; returns the launcher's exit status and output once it is gone. Fails if it is still
-    running a minute later: the other processes would then be waiting for that one."""
+def worker(rank: int) -> Callable[[psutil.Process], psutil.Process]:
+    """The worker process of `rank` among a launcher's children."""
+
+    def pick(launcher: psutil.Process) -> psutil.Process:
+        [found] = [p for p in launcher.children(recursive=True) if p.environ().get("RANK") == str(rank)]
+        return found
+
+    return pick
+
+
+def signal_during_training(
+    command: list[str], out: Path, target: Callable[[psutil.Process], psutil.Process], signum: int
+) -> subprocess.CompletedProcess:
+    """Start a launched run and, once its first training step is logged, send `signum` to the one process
+    `target(launcher)` picks (the launcher itself, or `worker(rank)`); returns the launcher's exit status and
+    output once it is gone. Fails if it is still running a minute later: the other processes would then be
+    waiting for that one."""
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment()
     )
@@ -118,15 +131,14 @@ def signal_one_worker(command: list[str], out: Path, rank: int, signum: int) -> 
         assert time.monotonic() < deadline, "no training step in time"
         time.sleep(0.02)
     launcher = psutil.Process(process.pid)
-    [worker] = [p for p in launcher.children(recursive=True) if p.environ().get("RANK") == str(rank)]
-    worker.send_signal(signum)
+    target(launcher).send_signal(signum)
     try:
         output, _ = process.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         for victim in [launcher, *launcher.children(recursive=True)]:
             victim.kill()
         output, _ = process.communicate()
-        pytest.fail(f"the run hung after a signal to process {rank}: {output[-3000:]}")
+        pytest.fail(f"the run hung after the signal: {output[-3000:]}")
     return subprocess.CompletedProcess(command, process.returncode, output)
 
 
