@@ -49,6 +49,18 @@ def _fail(error: DpokitError) -> None:
     raise typer.Exit(2)
 
 
+def _interrupted() -> None:
+    """Ctrl-C outside the training steps (which save a checkpoint and exit themselves): loading, the reference
+    pass, generating or judging. Every file a run writes is written whole or not at all."""
+    from dpokit.distributed import first_process
+
+    if first_process():
+        console.print(
+            "[yellow]interrupted (Ctrl-C): what was finished is kept; continue with --resume[/yellow]"
+        )
+    raise typer.Exit(130)
+
+
 def _done(result: str) -> None:
     from dpokit.distributed import first_process
 
@@ -174,6 +186,8 @@ def train(
         )
     except DpokitError as error:
         _fail(error)
+    except KeyboardInterrupt:
+        _interrupted()
     _done(f"{run_dir}/final")
 
 
@@ -352,6 +366,8 @@ def iterate(
         )
     except DpokitError as error:
         _fail(error)
+    except KeyboardInterrupt:
+        _interrupted()
     _done(f"{run_dir}/rounds.jsonl")
 
 
