@@ -3,7 +3,7 @@ FSDP2's and its CPU offload's device moves, or NCCL's collectives, train as one 
 
     bash benchmarks/gpu/check_distributed.sh     # on a lent GPU machine; results under $OUT
 
-1 GPU: torchrun with 1 process under fsdp2 and fsdp2-offload, bf16-mixed, against the plain single-process
+1 GPU: torchrun with 1 process under fsdp2, and fsdp2-offload started by dpokit itself, bf16-mixed, against the plain single-process
 bf16-mixed run. 2 GPUs or more: DDP and FSDP2 with 2 processes against it too. Skipped without CUDA.
 
 Tolerances, from the same comparisons run on CPU with gloo (bf16 keeps 8 significant bits on either device;
@@ -52,10 +52,12 @@ def assert_trains_as(got: Path, expected: Path, start: Path) -> None:
 
 @pytest.mark.parametrize("engine", ["fsdp2", "fsdp2-offload"])
 def test_one_gpu_fsdp2_bf16_mixed_equals_one_process(engine, one_gpu, tiny_model_dir, pairs_file, tmp_path):
-    """torchrun with 1 process on the GPU: FSDP2 (and with its shards, gradients and AdamW state offloaded
-    to CPU memory) trains as the plain process does."""
+    """FSDP2 on the GPU (and with its shards, gradients and AdamW state offloaded to CPU memory) trains as
+    the plain process does. fsdp2 under torchrun with 1 process; fsdp2-offload started by dpokit itself,
+    one process per visible GPU (`--distributed` with no `--num-processes`)."""
     out = tmp_path / engine
-    run(torchrun(1, settings(tiny_model_dir, pairs_file, out, BF16), engine), out)
+    args = settings(tiny_model_dir, pairs_file, out, BF16)
+    run(torchrun(1, args, engine) if engine == "fsdp2" else [*single(args), "--distributed", engine], out)
     assert_trains_as(out, one_gpu, tiny_model_dir)
 
 
