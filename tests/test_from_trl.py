@@ -26,6 +26,20 @@ def trl_config(tmp_path, **fields) -> DPOConfig:
     return DPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, bf16=False, **fields)
 
 
+def mapped(args: DPOConfig, model_dir, tmp_path, **fields) -> dpokit.RunConfig:
+    """`args` mapped to a dpokit run of the tiny model in `tmp_path`, with no samples or trackers."""
+    return dpokit.RunConfig.from_trl(
+        args,
+        model=str(model_dir),
+        output_dir=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+        sample_prompts=None,
+        report_to=[],
+        allow_risky_hyperparameters=True,  # a tiny random model needs a large rate to move in a few steps
+        **fields,
+    )
+
+
 def test_defaults_are_trl_1_16s():
     """The defaults dpokit assumes for fields a YAML leaves out are DPOConfig's own."""
     defaults = {
@@ -218,17 +232,7 @@ def test_mapped_run_trains_as_trl(fields, tiny_model_dir, tmp_path):
     )
     trainer.train()
     theirs = [(h["loss"], h["learning_rate"]) for h in trainer.state.log_history if "loss" in h]
-    config = dpokit.RunConfig.from_trl(
-        args,
-        model=str(tiny_model_dir),
-        output_dir=str(tmp_path / "run"),
-        cache_dir=str(tmp_path / "cache"),
-        eval_data=None,
-        sample_prompts=None,
-        report_to=[],
-        save_every=0,
-        allow_risky_hyperparameters=True,
-    )
+    config = mapped(args, tiny_model_dir, tmp_path, eval_data=None, save_every=0)
     ours = train_losses_and_rates(dpokit.train(config, train_data=STANDARD_PAIRS, quiet=True).run_dir)
     steps = 4 if "num_train_epochs" in fields else 5  # 2 steps of 4 pairs per epoch
     assert len(ours) == len(theirs) == steps
@@ -255,15 +259,7 @@ def test_mapped_run_eval_equals_trl_evaluate(tiny_model_dir, tmp_path):
         lr_scheduler_type="cosine",
         warmup_steps=0.5,
     )
-    config = dpokit.RunConfig.from_trl(
-        args,
-        model=str(tiny_model_dir),
-        output_dir=str(tmp_path / "run"),
-        cache_dir=str(tmp_path / "cache"),
-        sample_prompts=None,
-        report_to=[],
-        allow_risky_hyperparameters=True,  # a tiny random model needs a large rate to move in 2 steps
-    )
+    config = mapped(args, tiny_model_dir, tmp_path)
     result = dpokit.train(config, train_data=data, eval_data=data, quiet=True)
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(result.model_dir),
