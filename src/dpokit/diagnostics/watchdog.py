@@ -9,7 +9,9 @@ In the training loop::
     ...
     watchdog.update_samples(generate_samples(...))  # the gibberish and verbosity rules read samples
 
-On ``WatchdogStop`` the trainer saves what it has and exits; the CLI prints its one-line message.
+On ``WatchdogStop`` the run stops where it is, keeping the checkpoints already written (it does not save
+the state the finding condemns); the CLI prints its one-line message. Under several processes every
+process's watchdog reads the same records and samples, so all of them stop at once.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedTokenizerBase
@@ -39,6 +40,7 @@ class RunHooks:
         self.config, self.run_dir, self.tokenizer, self.console = config, run_dir, tokenizer, console
         self.main = accelerator.is_main_process
         self.sharded = sharded  # FSDP2: every process generates with the main one (greedy: the same text)
+        self.processes = accelerator.num_processes
         self.watchdog = Watchdog(config.resolved(), stop_on_critical=config.stop_on_critical)
         self.prompts = read_prompts(config.sample_prompts) if config.sample_prompts else []
         self.evals: list[dict[str, Any]] = []
@@ -74,20 +76,28 @@ class RunHooks:
         Greedy decoding: policy and reference answers differ only by what training changed. A PEFT policy
         scores its answers' reference perplexity with its adapters disabled.
         """
-        if not self.prompts or not (self.main or self.sharded):
+        if not self.prompts:
             return
-        records = generate_samples(
-            model,
-            self.tokenizer,
-            self.prompts,
-            self.config.sample_max_new_tokens,
-            step,
-            "reference" if before_training else "policy",
-            reference_model=model if is_peft(model) else None,
-        )
+        records: list[dict[str, Any]] = []
+        if self.main or self.sharded:
+            records = generate_samples(
+                model,
+                self.tokenizer,
+                self.prompts,
+                self.config.sample_max_new_tokens,
+                step,
+                "reference" if before_training else "policy",
+                reference_model=model if is_peft(model) else None,
+            )
+            if self.config.judge == "vader":
+                for record, score in zip(records, vader_score([r["text"] for r in records])):
+                    record["judge"] = score
+        if self.processes > 1 and not self.sharded:
+            # DDP: the main process alone generates. The others take its samples, so that every process's
+            # watchdog reads the same ones: a stop on them (gibberish) must come in every process at once,
+            # or the others would wait in the next step for the one that stopped.
+            records = broadcast_object_list([records], from_process=0)[0]
         if self.config.judge == "vader":
-            for record, score in zip(records, vader_score([r["text"] for r in records])):
-                record["judge"] = score
             self.judge_means[step] = sum(r["judge"] for r in records) / len(records)
         if self.main:
             with (self.run_dir / "samples.jsonl").open("a", encoding="utf-8") as file:
