@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 
 from dpokit.errors import DpokitError
@@ -70,6 +71,15 @@ def first_process() -> bool:
 def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
     """A tqdm progress bar, shown by the first process only."""
     return tqdm(iterable, disable=not first_process(), **kwargs)
+
+
+def from_main(accelerator: Accelerator, value: Any) -> Any:
+    """`value` as the main process has it, on every process (a broadcast; as it is with one process). For
+    what the main process alone computes under DDP (held-out metrics, samples) and every process must act on
+    alike: a stop decided on it must come in all of them, or the others would wait for the one that left."""
+    if accelerator.num_processes == 1:
+        return value
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def preset_path(name: str) -> Path:

@@ -1,9 +1,11 @@
-"""Run by test_watchdog_ranks.py under torchrun: the run's hooks as the DDP training loop holds them, with
-sample generation replaced by fixed answers (healthy from the reference, looping from the policy), so the
-gibberish rule's stop is certain; writes OUT/rank-R.json: whether this process's watchdog stopped, and on
-which samples.
+"""Run by test_watchdog_ranks.py under torchrun: DDP training (4 steps, held-out metrics and samples every
+2) whose watchdog must stop at step 2, on what the main process alone computes: the held-out metrics
+(`eval`: made NaN from step 2) or the samples (`samples`: generation replaced by fixed answers, healthy
+from the reference, looping from the policy). Writes OUT/rank-R.json: the finding codes this process
+stopped on and the step, or null if it trained to the end.
 
-python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed/watchdog_worker.py OUT MODEL
+python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed/watchdog_worker.py \
+    eval|samples OUT MODEL PAIRS
 """
 
 from __future__ import annotations
@@ -12,16 +14,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from launching import exit_worker
-from rich.console import Console
-from transformers import AutoTokenizer
 
 from dpokit.config import RunConfig
 from dpokit.diagnostics.watchdog import WatchdogStop
 from dpokit.distributed import make_accelerator
 from dpokit.train import hooks as hooks_module
-from dpokit.train.hooks import RunHooks
+from dpokit.train import loop as loop_module
 
 HEALTHY = "a short and fresh reply to the prompt"
 LOOPING = "the the the the the the the the the the the the"
@@ -42,25 +41,52 @@ def fixed_samples(model, tokenizer, prompts, max_new_tokens, step, source, refer
     ]
 
 
-def main(out: str, model: str) -> None:
-    accelerator = make_accelerator()
+def nan_from_the_second_call(evaluate_pairs):
+    calls = []
+
+    def evaluate(*args, **kwargs):
+        metrics = evaluate_pairs(*args, **kwargs)
+        calls.append(1)
+        return {**metrics, "loss": float("nan")} if len(calls) > 1 else metrics
+
+    return evaluate
+
+
+def main(what: str, out: str, model: str, pairs: str) -> None:
+    accelerator = make_accelerator()  # the process group train() then joins
     rank = accelerator.process_index
     prompts = Path(out) / "prompts.txt"
     if rank == 0:
         prompts.write_text("Review a film.\nName a colour.\n")
     accelerator.wait_for_everyone()
+    if what == "samples":
+        hooks_module.generate_samples = fixed_samples  # under DDP the main process alone calls it
+    else:
+        loop_module.evaluate_pairs = nan_from_the_second_call(loop_module.evaluate_pairs)
     config = RunConfig(
-        model=model, sample_prompts=str(prompts), stop_on_critical=True, output_dir=out, report_to=[]
+        model=model,
+        train_data=pairs,
+        eval_data=pairs,
+        sample_prompts=str(prompts),
+        sample_every=2,
+        eval_every=2,
+        stop_on_critical=True,
+        use_lora=False,
+        learning_rate=1e-4,
+        allow_risky_hyperparameters=True,
+        effective_batch_size=8,
+        micro_batch_size=2,
+        num_epochs=2,
+        save_every=0,
+        report_to=[],
+        output_dir=f"{out}/run",
+        cache_dir=f"{out}/cache",
     )
-    hooks_module.generate_samples = fixed_samples  # the main process alone calls it under DDP
-    hooks = RunHooks(config, Path(out), AutoTokenizer.from_pretrained(model), Console(), accelerator)
-    hooks.on_samples(torch.nn.Linear(1, 1), 0, before_training=True)
-    result = {"stopped": None, "judge_means": None}
+    result = None
     try:
-        hooks.on_samples(torch.nn.Linear(1, 1), 2)
+        loop_module.train(config, distributed="ddp")
     except WatchdogStop as stop:
-        result["stopped"] = [finding.code for finding in stop.findings]
-    result["judge_means"] = hooks.judge_means
+        result = {"codes": [f.code for f in stop.findings], "step": stop.findings[0].step}
     (Path(out) / f"rank-{rank}.json").write_text(json.dumps(result))
     accelerator.wait_for_everyone()
     exit_worker()

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedTokenizerBase
@@ -19,6 +18,7 @@ from dpokit.data.prepare import read_prompts
 from dpokit.diagnostics.findings import print_findings
 from dpokit.diagnostics.samples import generate_samples
 from dpokit.diagnostics.watchdog import Watchdog
+from dpokit.distributed import from_main
 from dpokit.judges import vader_score
 from dpokit.models.loading import is_peft
 
@@ -40,7 +40,7 @@ class RunHooks:
         self.config, self.run_dir, self.tokenizer, self.console = config, run_dir, tokenizer, console
         self.main = accelerator.is_main_process
         self.sharded = sharded  # FSDP2: every process generates with the main one (greedy: the same text)
-        self.processes = accelerator.num_processes
+        self.accelerator = accelerator
         self.watchdog = Watchdog(config.resolved(), stop_on_critical=config.stop_on_critical)
         self.prompts = read_prompts(config.sample_prompts) if config.sample_prompts else []
         self.evals: list[dict[str, Any]] = []
@@ -92,11 +92,8 @@ class RunHooks:
             if self.config.judge == "vader":
                 for record, score in zip(records, vader_score([r["text"] for r in records])):
                     record["judge"] = score
-        if self.processes > 1 and not self.sharded:
-            # DDP: the main process alone generates. The others take its samples, so that every process's
-            # watchdog reads the same ones: a stop on them (gibberish) must come in every process at once,
-            # or the others would wait in the next step for the one that stopped.
-            records = broadcast_object_list([records], from_process=0)[0]
+        if not self.sharded:  # DDP: the main process alone generates; every process's watchdog reads them
+            records = from_main(self.accelerator, records)
         if self.config.judge == "vader":
             self.judge_means[step] = sum(r["judge"] for r in records) / len(records)
         if self.main:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from dpokit.atomic import prune_partial_files, write_atomic
 from dpokit.config import RunConfig
 from dpokit.data.prepare import Rows
-from dpokit.distributed import full_state_dict
+from dpokit.distributed import from_main, full_state_dict
 from dpokit.errors import DpokitError
 from dpokit.evaluate import evaluate_pairs
 from dpokit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -194,17 +194,21 @@ def evaluate(run: Run, step: int, log: MetricsLog, hooks: RunHooks) -> None:
     """Held-out preference metrics of the current policy, logged as an `eval` record (by the main process;
     under FSDP2 every process runs the forward passes with it)."""
     main = run.accelerator.is_main_process
-    if not run.data.eval or not (main or run.sharded):
+    if not run.data.eval:
         return
-    metrics = evaluate_pairs(
-        run.model,
-        run.data.eval,
-        run.data.eval_reference,
-        run.config.loss_type,
-        run.params,
-        run.logps_fn,
-        run.config.micro_batch_size,
-    )
+    metrics = None
+    if main or run.sharded:
+        metrics = evaluate_pairs(
+            run.model,
+            run.data.eval,
+            run.data.eval_reference,
+            run.config.loss_type,
+            run.params,
+            run.logps_fn,
+            run.config.micro_batch_size,
+        )
+    if not run.sharded:  # DDP: the main process alone evaluates; every process's watchdog reads the record
+        metrics = from_main(run.accelerator, metrics)
     record = {"split": "eval", "step": step, **metrics}
     if main:
         log.write(record)
