@@ -40,6 +40,19 @@ def processes_to_start(distributed: str | None, num_processes: int | None) -> in
             )
         return None
     engine = named_engine(distributed) if distributed is not None else Engine("ddp")
+    count = _count(engine, distributed, num_processes)
+    tasks = int(os.environ.get("SLURM_NTASKS", "1"))  # srun runs this command once per task
+    if count is not None and tasks > 1:
+        raise DpokitError(
+            f"--num-processes: SLURM started this command {tasks} times (SLURM_NTASKS={tasks}), and each would "
+            "start a run of its own in the same output_dir; across nodes start dpokit with torchrun's "
+            "rendezvous, one task per node (README: Scale-out)"
+        )
+    return count
+
+
+def _count(engine: Engine, distributed: str | None, num_processes: int | None) -> int | None:
+    """The processes to start on this machine, before the SLURM check."""
     if num_processes is None:
         if distributed is None or engine.name == "single":
             return None

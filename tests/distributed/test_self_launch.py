@@ -15,7 +15,7 @@ from tiny_models import write_jsonl
 
 @pytest.fixture
 def no_launcher(monkeypatch):
-    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "RANK"):
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "RANK", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -54,6 +54,7 @@ def test_how_many_processes_a_command_starts(monkeypatch, no_launcher, distribut
             {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"},
             "^--num-processes 4: the launcher started 2",
         ),
+        ("fsdp2", 8, {"SLURM_NTASKS": "2"}, "^--num-processes: SLURM started this command 2 times"),
     ],
 )
 def test_counts_that_cannot_be_started_fail_in_one_line(
