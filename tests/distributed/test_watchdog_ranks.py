@@ -1,6 +1,7 @@
-"""Under DDP the main process alone computes the held-out metrics and the periodic samples; every process's
-watchdog reads them, so a stop on them (with stop_on_critical) comes in every process at once, with the same
-finding. Before, only the main process's watchdog saw them: it stopped alone, and the other process waited
+"""Under DDP every process's watchdog reads the same held-out metrics (each process evaluates a share of
+the batches; the sums are gathered) and the same samples (the main process's, broadcast), so a stop on them
+(with stop_on_critical) comes in every process at once, with the same finding. Before, the main process
+alone evaluated and sampled, and only its watchdog saw them: it stopped alone, and the other process waited
 for it in the next step's all-reduce (here for ever; under torchrun until the launcher, seeing the first
 one fail, killed it)."""
 

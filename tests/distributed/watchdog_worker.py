@@ -1,7 +1,8 @@
 """Run by test_watchdog_ranks.py under torchrun: DDP training (4 steps, held-out metrics and samples every
-2) whose watchdog must stop at step 2, on what the main process alone computes: the held-out metrics
-(`eval`: made NaN from step 2) or the samples (`samples`: generation replaced by fixed answers, healthy
-from the reference, looping from the policy). Writes OUT/rank-R.json: the finding codes this process
+2) whose watchdog must stop at step 2 in every process, on what one process computes: its share of the
+held-out batches (`eval`: the main process's made NaN from step 2) or the samples, which the main process
+alone generates (`samples`: generation replaced by fixed answers, healthy from the reference, looping from
+the policy). Writes OUT/rank-R.json: the finding codes this process
 stopped on and the step, or null if it trained to the end.
 
 python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed/watchdog_worker.py \
@@ -10,6 +11,7 @@ python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distribute
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -21,6 +23,8 @@ from dpokit.diagnostics.watchdog import WatchdogStop
 from dpokit.distributed import make_accelerator
 from dpokit.train import hooks as hooks_module
 from dpokit.train import loop as loop_module
+
+evaluate_module = importlib.import_module("dpokit.evaluate")  # `dpokit.evaluate` names the API function
 
 HEALTHY = "a short and fresh reply to the prompt"
 LOOPING = "the the the the the the the the the the the the"
@@ -41,15 +45,18 @@ def fixed_samples(model, tokenizer, prompts, max_new_tokens, step, source, refer
     ]
 
 
-def nan_from_the_second_call(evaluate_pairs):
+def nan_from_the_second_call(pair_stats):
+    """`pair_stats` whose summed loss is NaN from its second call (the held-out metrics at step 2)."""
     calls = []
 
-    def evaluate(*args, **kwargs):
-        metrics = evaluate_pairs(*args, **kwargs)
+    def stats(*args, **kwargs):
+        result = pair_stats(*args, **kwargs)
         calls.append(1)
-        return {**metrics, "loss": float("nan")} if len(calls) > 1 else metrics
+        if len(calls) > 1:
+            result.sums[0] = float("nan")
+        return result
 
-    return evaluate
+    return stats
 
 
 def main(what: str, out: str, model: str, pairs: str) -> None:
@@ -61,8 +68,8 @@ def main(what: str, out: str, model: str, pairs: str) -> None:
     accelerator.wait_for_everyone()
     if what == "samples":
         hooks_module.generate_samples = fixed_samples  # under DDP the main process alone calls it
-    else:
-        loop_module.evaluate_pairs = nan_from_the_second_call(loop_module.evaluate_pairs)
+    elif rank == 0:  # the main process's share of the held-out batches alone turns NaN
+        evaluate_module.pair_stats = nan_from_the_second_call(evaluate_module.pair_stats)
     config = RunConfig(
         model=model,
         train_data=pairs,

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from dpokit.atomic import prune_partial_files, write_atomic
 from dpokit.config import RunConfig
 from dpokit.data.prepare import Rows
-from dpokit.distributed import from_main, full_state_dict
+from dpokit.distributed import full_state_dict
 from dpokit.errors import DpokitError
 from dpokit.evaluate import evaluate_pairs
 from dpokit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -191,28 +191,30 @@ def open_records(run: Run, start_step: int, resumed: bool) -> tuple[MetricsLog, 
 
 
 def evaluate(run: Run, step: int, log: MetricsLog, hooks: RunHooks) -> None:
-    """Held-out preference metrics of the current policy, logged as an `eval` record (by the main process;
-    under FSDP2 every process runs the forward passes with it)."""
-    main = run.accelerator.is_main_process
+    """Held-out preference metrics of the current policy, logged as an `eval` record by the main process.
+    Under DDP the processes share the batches; under FSDP2 every process runs all of them together."""
+    accelerator = run.accelerator
     if not run.data.eval:
         return
-    metrics = None
-    if main or run.sharded:
-        metrics = evaluate_pairs(
-            run.model,
-            run.data.eval,
-            run.data.eval_reference,
-            run.config.loss_type,
-            run.params,
-            run.logps_fn,
-            run.config.micro_batch_size,
-        )
-    if not run.sharded:  # DDP: the main process alone evaluates; every process's watchdog reads the record
-        metrics = from_main(run.accelerator, metrics)
+    # DDP: the processes share the batches and gather the sums, so every process (and its watchdog) has the
+    # same record. A sharded model runs every batch on every process: its forward passes are collectives.
+    together = accelerator.num_processes > 1 and not run.sharded
+    metrics = evaluate_pairs(
+        run.model,
+        run.data.eval,
+        run.data.eval_reference,
+        run.config.loss_type,
+        run.params,
+        run.logps_fn,
+        run.config.micro_batch_size,
+        share=(accelerator.process_index, accelerator.num_processes) if together else None,
+        gather=gather_object if together else None,
+    )
     record = {"split": "eval", "step": step, **metrics}
+    main = accelerator.is_main_process
     if main:
         log.write(record)
-    run.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     hooks.on_record(record)
 
 
