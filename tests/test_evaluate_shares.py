@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.evaluate import evaluate_pairs, merge_shares, pair_stats
+from dpokit.evaluate import evaluate_pairs, merge_shares
 from dpokit.logprobs import PairLogps, padded_pair_logps
 from dpokit.losses import LossParams
 from tiny_models import build_model
@@ -41,12 +41,17 @@ def test_shared_evaluation_equals_one_process(processes):
     reference = PairLogps(logps_, logps_ - 1, torch.ones(len(pairs)), torch.ones(len(pairs)))
     params = LossParams(beta=0.1)
     alone = evaluate_pairs(model, pairs, reference, "sigmoid", params, logps, batch_size=2)
-    stats = [
-        pair_stats(model, pairs, reference, "sigmoid", params, logps, 2, (i, processes))
-        for i in range(processes)
-    ]
-    assert [0 if s.sums is None else int(s.sums[-1]) for s in stats] == COUNTS[processes]
-    shares = [(s.names, None if s.sums is None else s.sums.tolist()) for s in stats]
+    shares = []  # what each process would send to gather_object
+
+    def keep(mine: list) -> list:  # the shares so far: a process with no batch merges the others'
+        shares.extend(mine)
+        return shares
+
+    for i in range(processes):
+        evaluate_pairs(
+            model, pairs, reference, "sigmoid", params, logps, 2, share=(i, processes), gather=keep
+        )
+    assert [0 if sums is None else int(sums[-1]) for _, sums in shares] == COUNTS[processes]
     together = merge_shares(shares)
     assert together.keys() == alone.keys()
     for name in alone:

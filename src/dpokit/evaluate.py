@@ -30,31 +30,6 @@ def evaluate_pairs(
     evaluate together: each one takes every count-th batch from the index-th, and the sums of all are
     gathered into the same means on every process. Each pair is in the batch it would be in alone.
     """
-    stats = pair_stats(policy, pairs, reference, loss_type, params, logps_fn, batch_size, share)
-    if gather is None:
-        return stats.means()
-    return merge_shares(gather([(stats.names, None if stats.sums is None else stats.sums.tolist())]))
-
-
-def merge_shares(shares: list[tuple[list[str], list[float] | None]]) -> dict[str, float]:
-    """The means of the processes' PairStats together: (names, sums and count) of each, in process order
-    (None for a process that had no batch)."""
-    names = next(names for names, sums in shares if sums is not None)
-    *sums, count = [sum(column) for column in zip(*(sums for _, sums in shares if sums is not None))]
-    return {name: value / count for name, value in zip(names, sums)}
-
-
-def pair_stats(
-    policy: torch.nn.Module,
-    pairs: list[TokenizedPair],
-    reference: PairLogps | None,
-    loss_type: str,
-    params: LossParams,
-    logps_fn: LogpsFn,
-    batch_size: int,
-    share: tuple[int, int] | None = None,
-) -> PairStats:
-    """The summed metrics of the pairs' batches (of this process's share of them)."""
     stats = PairStats()
     starts = range(0, len(pairs), batch_size)
     if share is not None:
@@ -75,4 +50,13 @@ def pair_stats(
             losses, chosen_rewards, rejected_rewards = LOSSES[loss_type](out, ref, params)
             stats.add(losses, chosen_rewards, rejected_rewards, out, ref)
     policy.train(was_training)
-    return stats
+    mine = (stats.names, None if stats.sums is None else stats.sums.tolist())
+    return merge_shares(gather([mine]) if gather is not None else [mine])
+
+
+def merge_shares(shares: list[tuple[list[str], list[float] | None]]) -> dict[str, float]:
+    """The means of the processes' PairStats together: (names, sums and count) of each, in process order
+    (None for a process that had no batch)."""
+    names = next(names for names, sums in shares if sums is not None)
+    *sums, count = [sum(column) for column in zip(*(sums for _, sums in shares if sums is not None))]
+    return {name: value / count for name, value in zip(names, sums)}

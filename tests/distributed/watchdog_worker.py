@@ -21,6 +21,7 @@ from launching import exit_worker
 from dpokit.config import RunConfig
 from dpokit.diagnostics.watchdog import WatchdogStop
 from dpokit.distributed import make_accelerator
+from dpokit.pair_stats import PairStats
 from dpokit.train import hooks as hooks_module
 from dpokit.train import loop as loop_module
 
@@ -45,18 +46,19 @@ def fixed_samples(model, tokenizer, prompts, max_new_tokens, step, source, refer
     ]
 
 
-def nan_from_the_second_call(pair_stats):
-    """`pair_stats` whose summed loss is NaN from its second call (the held-out metrics at step 2)."""
-    calls = []
+def nan_from_the_second_evaluation() -> type[PairStats]:
+    """PairStats for the held-out evaluation whose losses are NaN from the second evaluation (step 2)."""
+    made = []
 
-    def stats(*args, **kwargs):
-        result = pair_stats(*args, **kwargs)
-        calls.append(1)
-        if len(calls) > 1:
-            result.sums[0] = float("nan")
-        return result
+    class Stats(PairStats):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
 
-    return stats
+        def add(self, losses, *rest) -> None:
+            super().add(losses * float("nan") if len(made) > 1 else losses, *rest)
+
+    return Stats
 
 
 def main(what: str, out: str, model: str, pairs: str) -> None:
@@ -69,7 +71,7 @@ def main(what: str, out: str, model: str, pairs: str) -> None:
     if what == "samples":
         hooks_module.generate_samples = fixed_samples  # under DDP the main process alone calls it
     elif rank == 0:  # the main process's share of the held-out batches alone turns NaN
-        evaluate_module.pair_stats = nan_from_the_second_call(evaluate_module.pair_stats)
+        evaluate_module.PairStats = nan_from_the_second_evaluation()
     config = RunConfig(
         model=model,
         train_data=pairs,
