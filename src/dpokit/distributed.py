@@ -75,7 +75,7 @@ def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
 
 def from_main(accelerator: Accelerator, value: Any) -> Any:
     """`value` as the main process has it, on every process (a broadcast; as it is with one process). For
-    what the main process alone computes under DDP (held-out metrics, samples) and every process must act on
+    what the main process alone computes under DDP (the greedy samples) and every process must act on
     alike: a stop decided on it must come in all of them, or the others would wait for the one that left."""
     if accelerator.num_processes == 1:
         return value
