@@ -16,6 +16,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -83,6 +85,16 @@ def _launch_count(distributed: str | None, num_processes: int | None) -> int | N
     from dpokit.launch import processes_to_start
 
     return processes_to_start(distributed, num_processes)
+
+
+@contextmanager
+def _warnings_left_to(count: int | None) -> Iterator[None]:
+    """The config is checked here once before `count` processes are started; they show its warnings (the
+    first one only), so this process keeps them to itself."""
+    with warnings.catch_warnings():
+        if count is not None:
+            warnings.simplefilter("ignore")
+        yield
 
 
 def _start(count: int) -> None:
@@ -160,9 +172,7 @@ def train(
         if force_resume and not resume:
             raise DpokitError("--force-resume: only meaningful with --resume")
         count = None if print_config else _launch_count(distributed, num_processes)
-        with warnings.catch_warnings():
-            if count is not None:  # checked here once; the started processes warn (the first one only)
-                warnings.simplefilter("ignore")
+        with _warnings_left_to(count):
             if from_trl is not None:  # TRL's fields mapped, then key=value overrides of dpokit fields on top
                 from dpokit.config import RunConfig, parse_override, read_config_file
 
@@ -352,9 +362,7 @@ def iterate(
 
     try:
         count = _launch_count(distributed, num_processes)
-        with warnings.catch_warnings():
-            if count is not None:  # checked here once; the started processes warn (the first one only)
-                warnings.simplefilter("ignore")
+        with _warnings_left_to(count):
             iterate_config = load_iterate_config(config, list(overrides or []))
         if count is not None:
             _start(count)

@@ -22,12 +22,11 @@ import torch
 import yaml
 from accelerate.utils import gather_object
 from rich.console import Console
-from tqdm import tqdm
 
 from dpokit.atomic import prune_partial_files, write_atomic
 from dpokit.config import RunConfig
 from dpokit.data.prepare import Rows
-from dpokit.distributed import full_state_dict
+from dpokit.distributed import full_state_dict, progress
 from dpokit.errors import DpokitError
 from dpokit.evaluate import evaluate_pairs
 from dpokit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -248,13 +247,7 @@ def run_steps(run: Run, start_step: int, log: MetricsLog, hooks: RunHooks) -> No
         hooks.on_samples(run.model, 0, before_training=True)
     stop = StopRequested()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(
-        total=run.total_steps,
-        initial=start_step,
-        desc="training",
-        unit="step",
-        disable=not accelerator.is_main_process,
-    )
+    bar = progress(total=run.total_steps, initial=start_step, desc="training", unit="step")
     run.policy.train()
     try:
         for step in range(start_step, run.total_steps):
